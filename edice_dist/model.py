@@ -1,0 +1,231 @@
+"""The eDICE model (SPEC section 2): contextualised cell and assay embeddings per bin.
+
+Everything is per 25 bp bin. For a batch of B bins with T observed tracks (columns), each
+column belongs to one cell (``track_cells``) and one assay (``track_assays``); a boolean
+``support`` mask says which columns are inputs at each bin. Targets are any (cell, assay)
+pairs of the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture; the defaults are the paper's."""
+
+    n_cells: int  # cell keys in the vocabulary (one global embedding row each)
+    n_assays: int  # assays in the vocabulary
+    embed_dim: int = 256  # d: width of every embedding
+    n_heads: int = 4  # attention heads per side
+    ffn_dim: int = 128  # hidden width of the feed-forward net after attention
+    decoder_hidden: int = 2048  # width of each decoder hidden layer
+    decoder_layers: int = 2  # hidden layers in the decoder MLP
+    decoder_dropout: float = 0.3  # after each decoder hidden layer
+    attn_dropout: float = 0.1  # on both residual branches of the attention blocks
+
+    def __post_init__(self):
+        if self.n_cells < 1 or self.n_assays < 1:
+            raise ValueError("the vocabulary needs at least one cell and one assay")
+        if self.embed_dim % self.n_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
+        if self.decoder_layers < 1:
+            raise ValueError("decoder_layers must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SignalEmbedder(nn.Module):
+    """h = ReLU(W y + b) + u: a signal embedding plus one learned global row per node."""
+
+    def __init__(self, n_nodes: int, in_dim: int, d: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, d)
+        self.table = nn.Embedding(n_nodes, d)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, n_nodes, in_dim) -> (B, n_nodes, d)."""
+        return F.relu(self.linear(y)) + self.table.weight
+
+
+class ContextBlock(nn.Module):
+    """Multi-head self-attention over one side's nodes, then a feed-forward net; residuals
+    around both, dropout on both residual branches, no layer norm (as in the paper)."""
+
+    def __init__(self, d: int, n_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.in_proj = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, d))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, has_key: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """
+        Parameters
+        ----------
+        h : (B, N, d) node embeddings.
+        has_key : (B, N) bool, nodes with at least one support (the only valid keys).
+        query : (Q,) long, the nodes whose contextualised embedding is needed.
+
+        Returns
+        -------
+        (B, Q, d)
+        """
+        B, N, d = h.shape
+        hd = d // self.n_heads
+        wq, wk, wv = self.in_proj.weight.split(d)
+        bq, bk, bv = self.in_proj.bias.split(d)
+        hq = h[:, query]
+        q = F.linear(hq, wq, bq).view(B, -1, self.n_heads, hd).transpose(1, 2)
+        k = F.linear(h, wk, bk).view(B, N, self.n_heads, hd).transpose(1, 2)
+        v = F.linear(h, wv, bv).view(B, N, self.n_heads, hd).transpose(1, 2)
+        # A bin with no key at all would give NaN; let it attend everywhere and zero it below.
+        any_key = has_key.any(dim=1)
+        mask = has_key | ~any_key[:, None]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        attn = attn.transpose(1, 2).reshape(B, -1, d)
+        attn = self.out_proj(attn) * any_key[:, None, None].to(attn.dtype)
+        x = hq + self.dropout(attn)
+        return x + self.dropout(self.ffn(x))
+
+
+class EDICE(nn.Module):
+    """eDICE: embed cells and assays from the observed signal, contextualise each side by
+    attention, decode any (cell, assay) pair with an MLP.
+
+    The decoder's first layer acts on concat(cell, assay); it is stored as one Linear but
+    applied as ``W1c c + W1a a`` so that each cell and each assay is projected once per bin
+    (SPEC section 5) rather than once per target.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.cell_embed = SignalEmbedder(cfg.n_cells, cfg.n_assays, d)
+        self.assay_embed = SignalEmbedder(cfg.n_assays, cfg.n_cells, d)
+        self.cell_context = ContextBlock(d, cfg.n_heads, cfg.ffn_dim, cfg.attn_dropout)
+        self.assay_context = ContextBlock(d, cfg.n_heads, cfg.ffn_dim, cfg.attn_dropout)
+        hidden = [nn.Linear(2 * d, cfg.decoder_hidden)]
+        hidden += [nn.Linear(cfg.decoder_hidden, cfg.decoder_hidden) for _ in range(cfg.decoder_layers - 1)]
+        self.decoder = nn.ModuleList(hidden)
+        self.output = nn.Linear(cfg.decoder_hidden, 1)
+        self.decoder_dropout = nn.Dropout(cfg.decoder_dropout)
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- the steps, public so that fast inference can reuse them --------------------------
+
+    def node_inputs(self, x, support, track_cells, track_assays):
+        """Per-cell and per-assay input vectors (SPEC 2.1).
+
+        Parameters
+        ----------
+        x : (B, T) float, observed values (arcsinh).
+        support : (B, T) bool.
+        track_cells, track_assays : (T,) long, vocabulary index of each column.
+
+        Returns
+        -------
+        y_cells : (B, n_cells, n_assays), each cell's supports divided by N_c.
+        y_assays : (B, n_assays, n_cells), each assay's supports divided by N_a.
+        n_cells_sup : (B, n_cells) support counts N_c; n_assays_sup : (B, n_assays).
+        """
+        cfg = self.cfg
+        B = x.shape[0]
+        s = support.to(x.dtype)
+        grid = x.new_zeros(B, cfg.n_cells, cfg.n_assays)
+        grid[:, track_cells, track_assays] = x * s
+        nc = x.new_zeros(B, cfg.n_cells).index_add_(1, track_cells, s)
+        na = x.new_zeros(B, cfg.n_assays).index_add_(1, track_assays, s)
+        y_cells = grid / nc.clamp(min=1)[:, :, None]
+        y_assays = grid.transpose(1, 2) / na.clamp(min=1)[:, :, None]
+        return y_cells, y_assays, nc, na
+
+    def contextualise(self, x, support, track_cells, track_assays, query_cells, query_assays):
+        """Contextualised embeddings of the queried cells (B, Qc, d) and assays (B, Qa, d)."""
+        y_c, y_a, nc, na = self.node_inputs(x, support, track_cells, track_assays)
+        h_c = self.cell_embed(y_c)
+        h_a = self.assay_embed(y_a)
+        c_ctx = self.cell_context(h_c, nc > 0, query_cells)
+        a_ctx = self.assay_context(h_a, na > 0, query_assays)
+        return c_ctx, a_ctx
+
+    def first_layer_halves(self, c_ctx, a_ctx):
+        """The decoder's first layer split: (B, Qc, H) from cells, (B, Qa, H) from assays,
+        the bias on the assay half."""
+        d = self.cfg.embed_dim
+        w = self.decoder[0].weight
+        return F.linear(c_ctx, w[:, :d]), F.linear(a_ctx, w[:, d:], self.decoder[0].bias)
+
+    def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """From the first layer's pre-activation (..., H) to the output (...)."""
+        z = self.decoder_dropout(F.relu(z))
+        for layer in self.decoder[1:]:
+            z = self.decoder_dropout(F.relu(layer(z)))
+        return self.output(z).squeeze(-1)
+
+    def forward(self, x, support, track_cells, track_assays, target_cells, target_assays):
+        """Predict targets in arcsinh space.
+
+        Parameters
+        ----------
+        x : (B, T) float, observed values of the T columns (anything where not supported).
+        support : (B, T) bool, columns used as inputs at each bin.
+        track_cells, track_assays : (T,) long.
+        target_cells, target_assays : (K,) long (same targets at every bin) or (B, K).
+
+        Returns
+        -------
+        (B, K) predictions, arcsinh(-log10 p).
+        """
+        x = torch.where(support, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        q_cells, pos_c = torch.unique(target_cells, return_inverse=True)
+        q_assays, pos_a = torch.unique(target_assays, return_inverse=True)
+        c_ctx, a_ctx = self.contextualise(x, support, track_cells, track_assays, q_cells, q_assays)
+        pc, pa = self.first_layer_halves(c_ctx, a_ctx)
+        if pos_c.dim() == 1:
+            z = pc[:, pos_c] + pa[:, pos_a]
+        else:
+            H = pc.shape[-1]
+            z = pc.gather(1, pos_c[..., None].expand(-1, -1, H)) + pa.gather(
+                1, pos_a[..., None].expand(-1, -1, H)
+            )
+        return self.decode_hidden(z)
+
+
+def decoder_macs(cfg: ModelConfig) -> int:
+    """Multiply-adds of the decoder per (target, bin) with the split first layer."""
+    h = cfg.decoder_hidden
+    return h * h * (cfg.decoder_layers - 1) + h
+
+
+def first_layer_macs(cfg: ModelConfig) -> int:
+    """Multiply-adds of one half of the first layer for one node and bin."""
+    return cfg.embed_dim * cfg.decoder_hidden
+
+
+def init_seed(seed: int) -> None:
+    """Seed every generator that model construction and training touch."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+

@@ -1,0 +1,189 @@
+"""Paths that may be local or URLs (``s3://bucket/key``, any fsspec protocol).
+
+Credentials and endpoints come from the environment as AWS tools expect them
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import fsspec
+
+
+def is_url(path: str) -> bool:
+    """True for ``proto://...`` paths other than ``file://``."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _strip_file(path: str) -> str:
+    path = str(path)
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def storage_options(path: str) -> dict:
+    """fsspec options for ``path``; S3 endpoints come from ``AWS_ENDPOINT_URL``."""
+    if str(path).startswith("s3://"):
+        opts: dict = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs = {}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            client_kwargs["region_name"] = region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        return opts
+    return {}
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``path`` and the path inside it."""
+    if not is_url(path):
+        return fsspec.filesystem("file"), os.path.abspath(_strip_file(path))
+    fs, inner = fsspec.core.url_to_fs(str(path), **storage_options(path))
+    return fs, inner
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with ``/`` for URLs and ``os.path.join`` for local paths."""
+    if is_url(base):
+        out = str(base).rstrip("/")
+        for p in parts:
+            out += "/" + str(p).strip("/")
+        return out
+    return os.path.join(_strip_file(base), *parts)
+
+
+def parent(path: str) -> str:
+    if is_url(path):
+        return str(path).rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(_strip_file(path)))
+
+
+def basename(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def makedirs(path: str) -> None:
+    fs, p = filesystem(path)
+    if is_url(path):
+        return  # object stores have no folders
+    fs.makedirs(p, exist_ok=True)
+
+
+def remove(path: str) -> None:
+    """Remove a file or a folder tree; absent paths are fine."""
+    fs, p = filesystem(path)
+    if not is_url(path):
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            os.remove(p)
+        return
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def rename(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst``. Atomic on a local filesystem; on an object store a copy
+    followed by a delete, which is why completeness is also recorded in metadata."""
+    fs, s = filesystem(src)
+    _, d = filesystem(dst)
+    if not is_url(src):
+        os.replace(s, d)
+        return
+    fs.mv(s, d, recursive=True)
+
+
+def list_dir(path: str) -> list[str]:
+    """Names (not paths) directly under ``path``; empty when it does not exist."""
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        return []
+    return sorted(basename(x) for x in fs.ls(p, detail=False))
+
+
+def read_text(path: str) -> str:
+    with fsspec.open(_strip_file(path) if not is_url(path) else path, "r",
+                     **storage_options(path)) as f:
+        return f.read()
+
+
+def read_bytes(path: str) -> bytes:
+    with fsspec.open(_strip_file(path) if not is_url(path) else path, "rb",
+                     **storage_options(path)) as f:
+        return f.read()
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write a whole file so that readers see either nothing or all of it."""
+    if is_url(path):
+        fs, p = filesystem(path)
+        fs.pipe_file(p, data)  # a single PUT: atomic on object stores
+        return
+    path = os.path.abspath(_strip_file(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+@contextlib.contextmanager
+def local_copy(path: str, suffix: str = "") -> Iterator[str]:
+    """A local file path with the contents of ``path`` (downloaded when it is a URL),
+    for libraries such as pyBigWig that read local files only."""
+    if not is_url(path):
+        yield os.path.abspath(_strip_file(path))
+        return
+    fs, p = filesystem(path)
+    with tempfile.TemporaryDirectory(prefix="edice-") as tmp:
+        local = os.path.join(tmp, "file" + suffix)
+        fs.get(p, local)
+        yield local
+
+
+def upload(local_path: str, dst: str) -> None:
+    """Copy a local file to ``dst`` (local path or URL), atomically where the target allows."""
+    if is_url(dst):
+        fs, d = filesystem(dst)
+        fs.put(local_path, d)
+        return
+    dst = os.path.abspath(_strip_file(dst))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(dst), ".tmp-" + os.path.basename(dst))
+    shutil.copyfile(local_path, tmp)
+    os.replace(tmp, dst)
+
+
+def zarr_store(path: str, read_only: bool = False):
+    """A zarr v3 store object for a local path or URL."""
+    import zarr.storage
+
+    if is_url(path):
+        return zarr.storage.FsspecStore.from_url(
+            path, storage_options=storage_options(path), read_only=read_only
+        )
+    return zarr.storage.LocalStore(os.path.abspath(_strip_file(path)), read_only=read_only)

@@ -1,0 +1,262 @@
+"""The Zarr v3 track store: one (bins x tracks) array per chromosome.
+
+Layout and attributes are described in ARCHITECTURE.md. Values are
+arcsinh(-log10 p) in 25 bp bins; the store is written by :mod:`edice_dist.ingest`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from . import BIN_SIZE, __version__, storage
+from ._partial import partial_path
+from .errors import InputError
+from .genome import Chunk, Genome
+from .tracks import Track
+
+FORMAT = "edice-track-store"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_BINS = 16384
+DEFAULT_DTYPE = "float16"
+_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def array_key(chrom: str, index: int) -> str:
+    """A Zarr-safe array name for a chromosome (odd contig names get ``chrom_<i>``)."""
+    return chrom if _KEY.match(chrom) and not chrom.startswith(".") else f"chrom_{index:05d}"
+
+
+def default_codecs(dtype: str = DEFAULT_DTYPE) -> list:
+    """Compressors chosen by ``benchmarks/bench_ingest.py`` (see BENCHMARKS.md)."""
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)]
+
+
+def create(
+    path: str,
+    genome: Genome,
+    tracks: list[Track],
+    chunk_bins: int = DEFAULT_CHUNK_BINS,
+    dtype: str = DEFAULT_DTYPE,
+    compressors: list | None = None,
+    extra_attrs: dict | None = None,
+) -> zarr.Group:
+    """Create an empty store at ``path`` (normally a ``.partial`` folder): every array and
+    all root attributes. Workers then fill whole chunks."""
+    if chunk_bins <= 0:
+        raise ValueError("chunk_bins must be positive")
+    compressors = compressors if compressors is not None else default_codecs(dtype)
+    root = zarr.open_group(storage.zarr_store(path), mode="w", zarr_format=3)
+    chroms = genome.to_json()
+    for i, c in enumerate(chroms):
+        c["array"] = array_key(c["name"], i)
+    grp = root.create_group("signal")
+    for c in chroms:
+        grp.create_array(
+            c["array"],
+            shape=(c["n_bins"], len(tracks)),
+            chunks=(min(chunk_bins, max(c["n_bins"], 1)), len(tracks)),
+            dtype=dtype,
+            compressors=compressors,
+            fill_value=0,
+            dimension_names=("bin", "track"),
+            write_data=False,
+        )
+    cell_keys = sorted({t.cell_key for t in tracks})
+    assays = sorted({t.assay for t in tracks})
+    attrs = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool": "edice-dist",
+        "tool_version": __version__,
+        "bin_size": genome.bin_size,
+        "transform": "arcsinh",
+        "value_space": "arcsinh(-log10 p), 25 bp means of the source signal; gaps count as 0",
+        "dtype": dtype,
+        "codec": json.loads(json.dumps([c.to_dict() for c in compressors])),
+        "chunk_bins": chunk_bins,
+        "chroms": chroms,
+        "tracks": [t.to_json() for t in tracks],
+        "cell_keys": cell_keys,
+        "assays": assays,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    attrs.update(extra_attrs or {})
+    root.attrs.update(attrs)
+    return root
+
+
+@dataclass
+class TrackStore:
+    """A read handle on a complete store.
+
+    Attributes
+    ----------
+    path : str
+    attrs : dict
+        The root attributes.
+    genome : Genome
+    tracks : list[Track]
+        In column order of every signal array.
+    """
+
+    path: str
+    attrs: dict
+    genome: Genome
+    tracks: list[Track]
+    _group: zarr.Group
+
+    @property
+    def chunk_bins(self) -> int:
+        return int(self.attrs["chunk_bins"])
+
+    @property
+    def n_tracks(self) -> int:
+        return len(self.tracks)
+
+    @property
+    def cell_keys(self) -> list[str]:
+        return list(self.attrs["cell_keys"])
+
+    @property
+    def assays(self) -> list[str]:
+        return list(self.attrs["assays"])
+
+    @property
+    def transform(self) -> str:
+        return self.attrs["transform"]
+
+    def track_ids(self) -> list[str]:
+        return [t.track_id for t in self.tracks]
+
+    def split_indices(self, *splits: str) -> np.ndarray:
+        """Column indices of the tracks in ``splits``."""
+        return np.array([i for i, t in enumerate(self.tracks) if t.split in splits], dtype=np.int64)
+
+    def array_key(self, chrom: str) -> str:
+        for c in self.attrs["chroms"]:
+            if c["name"] == chrom:
+                return c["array"]
+        raise InputError(
+            f"Chromosome {chrom} is not in store {self.path} (it has "
+            f"{', '.join(self.genome.chroms[:5])}{', ...' if len(self.genome.chroms) > 5 else ''})."
+        )
+
+    def array(self, chrom: str) -> zarr.Array:
+        return self._group["signal"][self.array_key(chrom)]
+
+    def read(self, chrom: str, start: int, stop: int, columns=None) -> np.ndarray:
+        """Observed values of bins ``[start, stop)`` of ``chrom``.
+
+        Parameters
+        ----------
+        columns : array-like of int, optional
+            Track columns to return (all when None).
+
+        Returns
+        -------
+        np.ndarray, shape (stop - start, n_columns), float32
+            arcsinh(-log10 p); windows may span chunk boundaries.
+        """
+        nb = self.genome.n_bins(chrom)
+        if not 0 <= start <= stop <= nb:
+            raise ValueError(f"window [{start}, {stop}) is outside {chrom} (0..{nb} bins)")
+        data = self.array(chrom)[start:stop]
+        if columns is not None:
+            data = data[:, np.asarray(columns)]
+        return np.asarray(data, dtype=np.float32)
+
+    def chunks(self, chroms: list[str] | None = None) -> list[Chunk]:
+        """The store's chunk grid over ``chroms`` (all by default), in genome order."""
+        return self.genome.subset(chroms).chunks(self.chunk_bins)
+
+    def nbytes_on_disk(self) -> int:
+        fs, p = storage.filesystem(self.path)
+        return int(fs.du(p, total=True))
+
+
+def open_store(path: str) -> TrackStore:
+    """Open a complete track store.
+
+    Raises
+    ------
+    InputError
+        When nothing is at ``path``, it is not a track store, its format version is
+        newer than this tool's, or only an unfinished ``.partial`` store exists.
+    """
+    if not storage.exists(storage.join(path, "zarr.json")):
+        hint = ""
+        if storage.exists(partial_path(path)):
+            hint = (f" An unfinished ingest is at {partial_path(path)}: re-run `edice ingest` "
+                    "with the same arguments to complete it.")
+        raise InputError(f"No track store at {path}.{hint} Build one with `edice ingest`.")
+    try:
+        group = zarr.open_group(storage.zarr_store(path, read_only=True), mode="r")
+    except Exception as e:  # zarr raises several types for unreadable metadata
+        raise InputError(f"{path} is not a readable Zarr store: {e}.") from None
+    attrs = dict(group.attrs)
+    if attrs.get("format") != FORMAT:
+        raise InputError(
+            f"{path} is a Zarr group but not an edice track store (format is "
+            f"{attrs.get('format')!r}, expected {FORMAT!r})."
+        )
+    if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
+        raise InputError(
+            f"Store {path} has format version {attrs['format_version']}; this edice-dist "
+            f"({__version__}) reads up to {FORMAT_VERSION}. Upgrade edice-dist."
+        )
+    genome = Genome.from_json(attrs["chroms"], int(attrs.get("bin_size", BIN_SIZE)))
+    tracks = [Track.from_json(t) for t in attrs["tracks"]]
+    return TrackStore(path, attrs, genome, tracks, group)
+
+
+def presence_matrix(tracks: list[Track]) -> tuple[list[str], list[str], np.ndarray]:
+    """(cell_keys, assays, matrix of split letters or '.') for display."""
+    cells = sorted({t.cell_key for t in tracks})
+    assays = sorted({t.assay for t in tracks})
+    m = np.full((len(cells), len(assays)), ".", dtype=object)
+    for t in tracks:
+        m[cells.index(t.cell_key), assays.index(t.assay)] = {"train": "x", "val": "v", "test": "t"}[t.split]
+    return cells, assays, m
+
+
+def describe(path: str) -> str:
+    """What ``edice info STORE`` prints."""
+    s = open_store(path)
+    lines = [
+        f"track store  {path}",
+        f"format       {s.attrs['format']} v{s.attrs['format_version']} "
+        f"(written by edice-dist {s.attrs.get('tool_version')}, {s.attrs.get('created')})",
+        f"values       {s.attrs.get('value_space')}; {s.attrs['dtype']}, "
+        f"chunks of {s.chunk_bins} bins x {s.n_tracks} tracks",
+        f"genome       {len(s.genome.chroms)} chromosomes, {s.genome.total_bins:,} bins of "
+        f"{s.genome.bin_size} bp ({sum(s.genome.sizes):,} bp)",
+    ]
+    for c in s.attrs["chroms"][:25]:
+        lines.append(f"  {c['name']:<14} {c['size']:>13,} bp {c['n_bins']:>12,} bins")
+    if len(s.attrs["chroms"]) > 25:
+        lines.append(f"  ... {len(s.attrs['chroms']) - 25} more")
+    counts = {sp: sum(t.split == sp for t in s.tracks) for sp in ("train", "val", "test")}
+    lines.append(
+        f"tracks       {s.n_tracks} ({counts['train']} train, {counts['val']} val, "
+        f"{counts['test']} test); {len(s.cell_keys)} cell types x {len(s.assays)} assays"
+    )
+    cells, assays, m = presence_matrix(s.tracks)
+    width = max(len(c) for c in cells)
+    lines.append("presence     x = train, v = val, t = test, . = not observed")
+    lines.append(" " * (width + 2) + " ".join(f"{a[:8]:>8}" for a in assays))
+    for i, c in enumerate(cells):
+        lines.append(f"  {c:<{width}}" + " ".join(f"{v:>8}" for v in m[i]))
+    nbytes = s.nbytes_on_disk()
+    cells_total = s.genome.total_bins * s.n_tracks
+    lines.append(
+        f"size on disk {nbytes / 2**20:,.1f} MiB ({nbytes / max(cells_total, 1):.3f} bytes per bin x track)"
+    )
+    return "\n".join(lines)
