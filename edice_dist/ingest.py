@@ -1,0 +1,388 @@
+"""`edice ingest`: bigWig/bedGraph sources -> 25 bp means -> arcsinh -> the Zarr track store.
+
+Stages:
+
+1. validate: the manifest, the chromosome sizes and every source's header (Ray tasks);
+   bedGraphs are checked line by line and converted once to bigWig, kept in the
+   ``.partial`` folder so that every task reads the same copy;
+2. init: the driver creates every array in ``<out>.partial`` (see :func:`store.create`);
+3. encode: Ray tasks each own a *partition*, a contiguous run of whole chunks of one
+   chromosome; a task opens each source once and streams chunk by chunk (memory: one chunk
+   of all tracks), writes the chunk and then its done marker;
+4. finalise: every marker present -> markers dropped, ``.partial`` renamed to ``out``.
+
+A re-run with the same inputs skips chunks that have markers. ``<out>.partial/_ingest.json``
+holds a fingerprint of the inputs (manifest rows, source sizes and modification times,
+chromosome sizes, chunk size, dtype, codec); a re-run with other inputs starts the partial
+again. The finished store keeps the fingerprint in its attributes, so re-running a
+completed ingest is a no-op.
+
+``EDICE_INGEST_FAULT=<chrom>:<chunk>`` makes the task that reaches that chunk fail before
+writing it (used by the tests to interrupt an ingest part-way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from . import _partial, progress, storage
+from . import store as store_mod
+from .errors import EdiceError, InputError
+from .genome import Genome, read_chrom_sizes
+from .tracks import Track, read_manifest
+
+N_STAGES = 4
+SOURCES_DIR = "_sources"
+FINGERPRINT_FILE = "_ingest.json"
+DTYPES = ("float16", "float32")
+MAX_PARTITION_CHUNKS = 16
+"""Upper bound on chunks per task: enough to amortise opening every source, small
+enough that a lost task costs little and the last tasks finish together."""
+
+
+# ---------------------------------------------------------------- fingerprint
+def _file_stat(path: str) -> dict | None:
+    """Size and modification time (or ETag) of a source; None when it does not exist."""
+    if not storage.is_url(path):
+        try:
+            st = os.stat(storage.filesystem(path)[1])
+        except FileNotFoundError:
+            return None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fs, p = storage.filesystem(path)
+    try:
+        info = fs.info(p)
+    except FileNotFoundError:
+        return None
+    stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or ""
+    return {"size": int(info.get("size") or 0), "stamp": str(stamp)}
+
+
+def fingerprint(tracks: list[Track], stats: list[dict], genome: Genome, chunk_bins: int,
+                dtype: str, codecs: list) -> str:
+    """A hash of everything that determines the store's contents."""
+    doc = {
+        "format_version": store_mod.FORMAT_VERSION,
+        "tracks": [t.to_json() for t in tracks],
+        "stats": stats,
+        "genome": genome.to_json(),
+        "chunk_bins": chunk_bins,
+        "dtype": dtype,
+        "codec": [c.to_dict() for c in codecs],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        return json.loads(storage.read_text(path))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------- Ray tasks
+def _remote(fn, **opts):
+    import ray
+
+    return ray.remote(**opts)(fn)
+
+
+def _check_sources(items: list[tuple], full_json: list[dict], chroms: list[str],
+                   bin_size: int) -> list[tuple]:
+    """Open each source once: format, header, chromosomes; convert bedGraphs.
+
+    ``items`` are (column, path, label, converted) with ``converted`` the place for a
+    bedGraph's bigWig. Names are checked against the whole chromosome sizes file (a
+    ``--chroms`` subset that a source lacks is zeros, not a naming mismatch). Returns
+    (column, path to read, warnings, error message or None).
+    """
+    from .sources import check_chroms, open_source
+
+    full = Genome.from_json(full_json, bin_size)
+    out = []
+    for col, path, label, converted in items:
+        try:
+            done = storage.exists(converted)  # converted by an earlier run, same inputs
+            with open_source(converted if done else path, full, label, shown=path) as s:
+                warnings = check_chroms(s, full, label)
+                if not set(chroms) & set(s.chroms()):
+                    warnings.append(f"{path} (track {label}) has no data on "
+                                    f"{', '.join(chroms[:5])}: it reads as zeros there.")
+                read = converted if done else path
+                if s.kind == "bedgraph" and not done:
+                    storage.upload(s.local, converted)
+                    read = converted
+            out.append((col, read, warnings, None))
+        except EdiceError as e:
+            out.append((col, None, [], str(e)))
+    return out
+
+
+def _raise_nofile(n: int) -> None:
+    """Every source stays open for a whole partition: allow that many files."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = n + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _encode_partition(partial: str, array_key: str, chrom: str, chunks: list[int],
+                      chunk_bins: int, sources: list[tuple[str, str, str]],
+                      genome_json: list[dict], bin_size: int, dtype: str,
+                      fault: str | None) -> tuple[int, str | None]:
+    """Fill ``chunks`` of one chromosome's array and mark each done.
+
+    ``sources`` are (path to read, path as the user named it, track label) in column
+    order. Returns (chunks written, error message or None); input errors are returned
+    rather than raised so that the driver prints them as they are.
+    """
+    import zarr
+
+    from .sources import open_source
+
+    genome = Genome.from_json(genome_json, bin_size)
+    nb = genome.n_bins(chrom)
+    arr = zarr.open_group(storage.zarr_store(partial), mode="r+")["signal"][array_key]
+    written = 0
+    _raise_nofile(len(sources))
+    try:
+        with contextlib.ExitStack() as stack:
+            srcs = [stack.enter_context(open_source(p, genome, label, shown=shown))
+                    for p, shown, label in sources]
+            for ci in chunks:
+                if _partial.is_done(partial, array_key, ci):  # a retried task
+                    continue
+                a, b = ci * chunk_bins, min((ci + 1) * chunk_bins, nb)
+                block = np.empty((b - a, len(srcs)), dtype=dtype, order="F")
+                for j, s in enumerate(srcs):
+                    block[:, j] = np.arcsinh(s.binned(chrom, a, b, bin_size))
+                if fault == f"{chrom}:{ci}":
+                    raise RuntimeError(f"fault injected at {chrom} chunk {ci} (EDICE_INGEST_FAULT)")
+                arr[a:b, :] = np.ascontiguousarray(block)
+                _partial.mark_done(partial, array_key, ci)
+                written += 1
+    except EdiceError as e:
+        return written, str(e)
+    return written, None
+
+
+# ---------------------------------------------------------------- driver
+def _plan(genome: Genome, chroms_json: list[dict], chunk_bins: int, done: set,
+          slots: int) -> tuple[list[tuple[str, str, list[int]]], int, int]:
+    """Partitions (array key, chrom, chunk indices still to do), chunks to do, all chunks."""
+    total = sum(-(-c["n_bins"] // chunk_bins) for c in chroms_json)
+    per = max(1, min(MAX_PARTITION_CHUNKS, -(-total // (4 * slots))))
+    parts, todo = [], 0
+    for c in chroms_json:
+        n = -(-c["n_bins"] // chunk_bins)
+        for lo in range(0, n, per):
+            left = [i for i in range(lo, min(lo + per, n)) if (c["array"], i) not in done]
+            if left:
+                parts.append((c["array"], c["name"], left))
+                todo += len(left)
+    return parts, todo, total
+
+
+def _validate_sources(tracks, full, genome, partial, slots) -> list[str]:
+    """Paths to read per column; raises one InputError listing the problems found."""
+    import ray
+
+    items = [(i, t.path, t.track_id, storage.join(partial, SOURCES_DIR, f"{i:06d}.bw"))
+             for i, t in enumerate(tracks)]
+    n_batches = max(1, min(len(items), 4 * slots))
+    batches = [items[k::n_batches] for k in range(n_batches)]
+    task = _remote(_check_sources, num_cpus=1, max_retries=2)
+    fj, names = full.to_json(), list(genome.chroms)
+    results = [r for rs in ray.get([task.remote(b, fj, names, genome.bin_size)
+                                    for b in batches]) for r in rs]
+    results.sort()
+    errors = [msg for _, _, _, msg in results if msg]
+    for _, _, warns, _ in results:
+        for w in warns:
+            progress.log(f"  warning: {w}")
+    if errors:
+        more = f" ({len(errors) - 3} more problems not shown.)" if len(errors) > 3 else ""
+        raise InputError(" ".join(errors[:3]) + more)
+    return [read for _, read, _, _ in results]
+
+
+def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
+           chroms: list[str] | None = None, chunk_bins: int | None = None,
+           dtype: str | None = None, workers: int | None = None) -> str:
+    """Build the track store at ``out`` from a manifest of bigWig/bedGraph sources.
+
+    Parameters
+    ----------
+    manifest, chrom_sizes, out : str
+        Local paths or URLs.
+    force : bool
+        Replace a store at ``out`` that was built from other inputs (the old store stays
+        until the new one is complete).
+    chroms : list of str, optional
+        Chromosomes to use (default: all of ``chrom_sizes``).
+    chunk_bins : int, optional
+        Bins per chunk (default :data:`store.DEFAULT_CHUNK_BINS`).
+    dtype : {"float16", "float32"}, optional
+        Store dtype (default :data:`store.DEFAULT_DTYPE`).
+    workers : int, optional
+        Most tasks running at once (default: every CPU slot Ray reports).
+
+    Returns
+    -------
+    str
+        ``out``.
+    """
+    import ray
+
+    from . import raycluster
+
+    chunk_bins = store_mod.DEFAULT_CHUNK_BINS if chunk_bins is None else int(chunk_bins)
+    dtype = dtype or store_mod.DEFAULT_DTYPE
+    if chunk_bins <= 0:
+        raise InputError(f"--chunk-bins must be a positive number of bins, got {chunk_bins}.")
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if workers is not None and workers <= 0:
+        raise InputError(f"--workers must be positive, got {workers}.")
+
+    progress.stage(1, N_STAGES, f"validate {manifest} and {chrom_sizes}")
+    tracks = read_manifest(manifest)
+    full = read_chrom_sizes(chrom_sizes)
+    genome = full.subset(chroms)
+    stats = [_file_stat(t.path) for t in tracks]
+    missing = [t for t, st in zip(tracks, stats, strict=True) if st is None]
+    if missing:
+        show = "; ".join(f"{t.path} (track {t.track_id})" for t in missing[:3])
+        what = (f"The source file {show} listed in {manifest} does not exist"
+                if len(missing) == 1 else
+                f"{len(missing)} source files listed in {manifest} do not exist: {show}"
+                f"{'; ...' if len(missing) > 3 else ''}")
+        raise InputError(f"{what}. Fix the paths (relative paths are relative to the "
+                         "manifest's folder) and re-run.")
+    codecs = store_mod.default_codecs(dtype)
+    fp = fingerprint(tracks, stats, genome, chunk_bins, dtype, codecs)
+
+    if storage.exists(storage.join(out, "zarr.json")):
+        attrs = (_read_json(storage.join(out, "zarr.json")) or {}).get("attributes", {})
+        if attrs.get("ingest_fingerprint") == fp:
+            progress.log(f"{out} is up to date (same manifest, sources and settings); "
+                         "nothing to do.")
+            return out
+        if not force:
+            raise InputError(
+                f"A different track store already exists at {out} (built from other inputs "
+                "or settings). Choose another --out, or pass --force to replace it; the old "
+                "store is kept until the new one is complete."
+            )
+        progress.log(f"  {out} exists and will be replaced when the new store is complete "
+                     "(--force).")
+    elif _occupied(out) and not force:
+        raise InputError(f"{out} exists and is not a track store. Choose another --out, "
+                         "or pass --force to replace it.")
+
+    partial = _partial.partial_path(out)
+    fp_path = storage.join(partial, FINGERPRINT_FILE)
+    resume = (_read_json(fp_path) or {}).get("fingerprint") == fp
+    if not resume:
+        if storage.exists(partial):
+            progress.log(f"  {partial} was made from other inputs: starting it again.")
+            storage.remove(partial)
+        storage.write_text_atomic(fp_path, json.dumps({"fingerprint": fp}) + "\n")
+
+    raycluster.init()
+    slots = raycluster.cpu_slots()
+    try:
+        read_paths = _validate_sources(tracks, full, genome, partial, slots)
+    except EdiceError:
+        if not resume:  # nothing worth keeping: fixing the input changes the fingerprint
+            storage.remove(partial)
+        raise
+    progress.log(f"  {len(tracks)} tracks, {len(genome.chroms)} chromosomes, "
+                 f"{genome.total_bins:,} bins of {genome.bin_size} bp")
+
+    progress.stage(2, N_STAGES, f"init {partial} ({dtype}, chunks of {chunk_bins} bins)")
+    if not storage.exists(storage.join(partial, "zarr.json")):
+        store_mod.create(partial, genome, tracks, chunk_bins=chunk_bins, dtype=dtype,
+                         compressors=codecs, overwrite=False,
+                         extra_attrs={"ingest_fingerprint": fp,
+                                      "ingest_inputs": {"manifest": manifest,
+                                                        "chrom_sizes": chrom_sizes}})
+    chroms_json = _read_json(storage.join(partial, "zarr.json"))["attributes"]["chroms"]
+    done = _partial.done_set(partial)
+    parts, todo, total = _plan(genome, chroms_json, chunk_bins, done, slots)
+    if total - todo:
+        progress.log(f"  resuming: {total - todo} of {total} chunks already written")
+
+    cap = max(1, min(workers or slots, len(parts) or 1))
+    progress.stage(3, N_STAGES, f"encode {todo} chunks x {len(tracks)} tracks in "
+                   f"{len(parts)} tasks ({cap} at a time)")
+    task = _remote(_encode_partition, num_cpus=1, max_retries=3)
+    srcs = [(read_paths[i], t.path, t.track_id) for i, t in enumerate(tracks)]
+    gj = genome.to_json()
+    fault = os.environ.get("EDICE_INGEST_FAULT") or None
+    bar = progress.Progress(todo, "encode", unit="chunks")
+    pending, in_flight = list(parts), {}
+    failure: EdiceError | None = None
+    while (pending or in_flight) and failure is None:
+        while pending and len(in_flight) < cap:
+            key, chrom, idx = pending.pop(0)
+            ref = task.remote(partial, key, chrom, idx, chunk_bins, srcs, gj,
+                              genome.bin_size, dtype, fault)
+            in_flight[ref] = (chrom, idx)
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        chrom, idx = in_flight.pop(ready[0])
+        try:
+            n, msg = ray.get(ready[0])
+            failure = InputError(msg) if msg else None
+        except Exception as e:  # a bug, or a worker lost more often than max_retries
+            n = 0
+            failure = EdiceError(f"The task for {chrom} chunks {idx[0]}..{idx[-1]} failed: "
+                                 f"{str(e).strip().splitlines()[-1]}.")
+        bar.update(n)
+    if failure is not None:
+        _settle(in_flight)
+        raise type(failure)(
+            f"{failure} Nothing was written to {out}; the chunks finished so far are kept "
+            f"in {partial}, and re-running the same command resumes from them."
+        )
+
+    progress.stage(4, N_STAGES, f"finalise {out}")
+    expected = [(c["array"], i) for c in chroms_json
+                for i in range(-(-c["n_bins"] // chunk_bins))]
+    _partial.check_complete(partial, expected, "Track store")
+    storage.remove(storage.join(partial, SOURCES_DIR))
+    storage.remove(fp_path)
+    _partial.finalise(partial, out)
+    progress.log(f"  wrote {out}: {len(tracks)} tracks x {genome.total_bins:,} bins")
+    return out
+
+
+def _occupied(path: str) -> bool:
+    """Something other than an empty local folder is at ``path``."""
+    if not storage.exists(path):
+        return False
+    if storage.is_url(path):
+        return True
+    local = storage.filesystem(path)[1]
+    return not os.path.isdir(local) or bool(os.listdir(local))
+
+
+def _settle(in_flight: dict) -> None:
+    """Stop the remaining tasks and wait for them, so no writer outlives the driver."""
+    import ray
+
+    for ref in in_flight:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
+    for ref in in_flight:
+        with contextlib.suppress(Exception):
+            ray.get(ref)
