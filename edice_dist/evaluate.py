@@ -1,0 +1,663 @@
+"""`edice evaluate`: imputed bigWigs against held-out truth, beside the AVG and TrackAVG
+baselines, as tables, JSON and plots.
+
+Inputs
+------
+- ``truth``: a TSV with the columns ``cell_type assay path`` and optional ``peaks`` (a BED
+  of the track's peaks) and ``individual``, as ``edice simulate`` writes to
+  ``truth/targets.tsv``; relative paths resolve against its folder.
+- ``imputed``: a folder of ``<cell_key>-<assay>.bigWig`` files (an imputation run's
+  ``bigwig/``; ``cell_key`` is ``cell_type@individual`` with individuals). A
+  ``manifest.tsv`` there (``cell_type assay individual path`` and optional ``space``) is
+  used when present. Imputed bigWigs hold -log10 p unless that ``space`` column, or
+  ``imputed_space``, says ``arcsinh``.
+- ``store`` (optional): the track store. **AVG** of a truth track is, per bin, the mean of
+  the store's observed tracks (split train or val, never test) of the same assay in the
+  other cell keys; **TrackAVG** the mean of the same cell type and assay over the other
+  individuals (only when the truth names individuals). Means are taken in the
+  evaluation space (store values are arcsinh; ``sinh`` gives -log10 p).
+
+Genome: the store's chromosomes when a store is given; else ``chrom_sizes``, else a
+``chrom.sizes`` beside the truth folder (``OUT/chrom.sizes`` of a simulation), else the
+first truth bigWig's header. Every truth and imputed bigWig must hold every chromosome with
+the same size. Top sets break ties in this genome order.
+
+Peaks: the track's BED when the ``peaks`` column names one (a bin is a peak bin when it
+overlaps a peak by >= 1 bp); otherwise bins whose truth -log10 p is >= 2
+(:data:`edice_dist.metrics.PEAK_PVAL`). Annotation: ``promoters.bed``, ``gene_bodies.bed``
+and ``enhancers.bed`` of ``annotation`` (default: ``annotation/`` beside the truth folder)
+add ``mse_promoter``, ``mse_genebody`` and ``mse_enhancer``.
+
+Outputs in ``out`` (default ``<imputed>/../evaluation``, i.e. ``RUN_DIR/evaluation``):
+``metrics.tsv`` (one row per track and method), ``summary.tsv`` (per assay and overall),
+``metrics.json`` (both, with counts and settings), PNG plots, and ``_cache/`` (one JSON per
+track and method, reused by a re-run whose inputs have not changed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import operator
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import __version__, storage
+from .errors import EdiceError, InputError
+from .genome import Genome, bed_bin_mask, read_bed, read_chrom_sizes
+from .metrics import METRICS, PEAK_PVAL, REGIONS, call_peaks, lower_is_better, track_metrics
+from .progress import Progress, log
+from .tracks import cell_key as make_cell_key
+from .tracks import track_id as make_track_id
+
+METHODS = ("model", "AVG", "TrackAVG")
+SPACES = ("arcsinh", "pval")
+ANNOTATION_FILES = {"promoter": "promoters.bed", "genebody": "gene_bodies.bed",
+                    "enhancer": "enhancers.bed"}
+READ_BINS = 1 << 17
+"""Bins read per chunk (a 3.3 Mbp window: pyBigWig's per-base buffer is ~26 MB)."""
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TruthTrack:
+    """One held-out track: its bigWig of -log10 p and optional peak BED."""
+
+    cell_type: str
+    assay: str
+    path: str
+    peaks: str = ""
+    individual: str = ""
+
+    @property
+    def cell_key(self) -> str:
+        return make_cell_key(self.cell_type, self.individual)
+
+    @property
+    def track_id(self) -> str:
+        return make_track_id(self.cell_key, self.assay)
+
+
+def _read_tsv(path: str, required: tuple[str, ...], what: str) -> list[dict[str, str]]:
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"Cannot read {what} {path}: {e}.") from None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines)), delimiter="\t"))
+    header = [h.strip() for h in (rows[0].keys() if rows else [])]
+    missing = [c for c in required if c not in header]
+    if not rows or missing:
+        raise InputError(
+            f"{what} {path} needs a tab-separated header with {', '.join(required)} and one "
+            f"row per track" + (f"; it lacks {', '.join(missing)}." if rows else "; it has no rows.")
+        )
+    return [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
+
+
+def _resolve(base: str, p: str) -> str:
+    return p if not p or storage.is_url(p) or p.startswith("/") else storage.join(base, p)
+
+
+def read_truth(path: str) -> list[TruthTrack]:
+    """Parse a truth manifest (``cell_type assay path [peaks] [individual]``).
+
+    Raises
+    ------
+    InputError
+        A missing file or column, an empty path, or a track listed twice.
+    """
+    rows = _read_tsv(path, ("cell_type", "assay", "path"), "Truth manifest")
+    base = storage.parent(path)
+    out, seen = [], {}
+    for lineno, r in enumerate(rows, 2):
+        if not r["cell_type"] or not r["assay"] or not r["path"]:
+            raise InputError(f"{path}, line {lineno}: cell_type, assay and path must be filled.")
+        t = TruthTrack(r["cell_type"], r["assay"], _resolve(base, r["path"]),
+                       _resolve(base, r.get("peaks", "")), r.get("individual", ""))
+        if t.track_id in seen:
+            raise InputError(f"{path}, line {lineno}: {t.track_id} is listed twice "
+                             f"(first at line {seen[t.track_id]}).")
+        seen[t.track_id] = lineno
+        out.append(t)
+    return out
+
+
+def imputed_paths(imputed: str, truth: list[TruthTrack],
+                  imputed_space: str = "pval") -> dict[str, tuple[str, str]]:
+    """``{track_id: (bigWig path, value space)}`` of the imputed file of every truth track.
+
+    Raises
+    ------
+    InputError
+        Naming the first truth track without an imputed file and the path expected.
+    """
+    listed: dict[str, tuple[str, str]] = {}
+    manifest = storage.join(imputed, "manifest.tsv")
+    if storage.exists(manifest):
+        for r in _read_tsv(manifest, ("cell_type", "assay", "path"), "Imputed manifest"):
+            tid = make_track_id(make_cell_key(r["cell_type"], r.get("individual", "")), r["assay"])
+            listed[tid] = (_resolve(imputed, r["path"]), r.get("space") or imputed_space)
+    out = {}
+    for t in truth:
+        path, space = listed.get(t.track_id, (storage.join(imputed, f"{t.track_id}.bigWig"),
+                                              imputed_space))
+        if space not in SPACES:
+            raise InputError(f"{manifest}: space {space!r} of {t.track_id} must be pval or arcsinh.")
+        if not storage.exists(path):
+            raise InputError(
+                f"No imputed bigWig for truth track {t.track_id} ({t.cell_type} {t.assay}"
+                + (f", individual {t.individual}" if t.individual else "")
+                + f"): expected {path}. Impute it (`edice impute --targets "
+                f"{t.cell_key}:{t.assay}`) or drop it from the truth manifest."
+            )
+        out[t.track_id] = (path, space)
+    return out
+
+
+def _header(path: str, label: str) -> dict[str, int]:
+    from .sources import open_source
+
+    with open_source(path, label=label) as src:
+        return src.chroms()
+
+
+def resolve_genome(truth_path: str, truth: list[TruthTrack], store_genome: Genome | None,
+                   chrom_sizes: str | None) -> Genome:
+    """The evaluation genome (see the module docstring for the order of sources)."""
+    if store_genome is not None:
+        return store_genome
+    if chrom_sizes:
+        return read_chrom_sizes(chrom_sizes)
+    guess = storage.join(storage.parent(storage.parent(truth_path)), "chrom.sizes")
+    if storage.exists(guess):
+        return read_chrom_sizes(guess)
+    head = _header(truth[0].path, truth[0].track_id)
+    return Genome(tuple(head), tuple(head.values()))
+
+
+def check_header(path: str, label: str, genome: Genome) -> None:
+    """Every genome chromosome must be in the bigWig with the same size."""
+    head = _header(path, label)
+    for c, size in zip(genome.chroms, genome.sizes, strict=True):
+        if c not in head:
+            raise InputError(
+                f"{path} (track {label}) has no chromosome {c}, which the genome has "
+                f"({size:,} bp). Evaluate on the same chromosomes as the imputation, e.g. a "
+                "store or chrom.sizes restricted to them."
+            )
+        if head[c] != size:
+            raise InputError(
+                f"{path} (track {label}): {c} is {head[c]:,} bp there but {size:,} bp in the "
+                "genome. The files were made for different assemblies."
+            )
+
+
+# ---------------------------------------------------------------- one track, one method
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one (truth track, method) evaluation needs; picklable for Ray."""
+
+    track: TruthTrack
+    method: str
+    genome: Genome
+    space: str
+    pred_path: str = ""
+    pred_space: str = "pval"
+    store: str = ""
+    columns: tuple[int, ...] = ()
+    annotation: tuple[tuple[str, str], ...] = ()
+    read_bins: int = READ_BINS
+    tmpdir: str | None = None
+    fingerprint: dict = field(default_factory=dict, compare=False)
+
+
+def to_space(values: np.ndarray, source_space: str, space: str) -> np.ndarray:
+    """float32 values in ``space`` from values in ``source_space`` (both arcsinh or pval);
+    the transform is done in float64, then rounded once to float32."""
+    v = np.asarray(values, dtype=np.float64)
+    if source_space != space:
+        v = np.arcsinh(v) if space == "arcsinh" else np.sinh(v)
+    return v.astype(np.float32)
+
+
+def baseline_window(store, chrom: str, start: int, stop: int, columns, space: str) -> np.ndarray:
+    """The per-bin mean of store ``columns`` over bins ``[start, stop)`` in ``space``.
+
+    Returns
+    -------
+    np.ndarray, shape (stop - start,), float32
+    """
+    data = store.read(chrom, start, stop, columns).astype(np.float64)
+    if space == "pval":
+        data = np.sinh(data)
+    return data.mean(axis=1).astype(np.float32)
+
+
+def _bed(path: str, genome: Genome, what: str) -> dict[str, np.ndarray]:
+    if not storage.exists(path):
+        raise InputError(f"The {what} BED {path} does not exist. Fix the path or remove it.")
+    return read_bed(path, genome)
+
+
+def job_chunks(job: Job):
+    """Yield ``(truth, prediction, peaks, regions)`` chunk by chunk in genome order."""
+    from .sources import open_source
+    from .store import open_store
+
+    label = job.track.track_id
+    peaks = _bed(job.track.peaks, job.genome, f"peak ({label})") if job.track.peaks else None
+    regions = {name: _bed(p, job.genome, "annotation") for name, p in job.annotation}
+    store = open_store(job.store) if job.method != "model" else None
+    read_bins = job.read_bins
+    if store is not None:  # whole store chunks per read
+        read_bins = max(1, round(read_bins / store.chunk_bins)) * store.chunk_bins
+    with open_source(job.track.path, job.genome, label=label) as truth_src:
+        pred_src = (open_source(job.pred_path, job.genome, label=f"imputed {label}")
+                    if job.method == "model" else None)
+        try:
+            for ch in job.genome.chunks(read_bins):
+                pval = truth_src.binned(ch.chrom, ch.start, ch.stop)
+                t = to_space(pval, "pval", job.space)
+                if pred_src is not None:
+                    y = to_space(pred_src.binned(ch.chrom, ch.start, ch.stop),
+                                 job.pred_space, job.space)
+                else:
+                    y = baseline_window(store, ch.chrom, ch.start, ch.stop, job.columns, job.space)
+                if peaks is not None:
+                    p = bed_bin_mask(peaks.get(ch.chrom), ch.start, ch.stop, job.genome.bin_size)
+                else:
+                    p = call_peaks(pval)
+                r = {name: bed_bin_mask(iv.get(ch.chrom), ch.start, ch.stop, job.genome.bin_size)
+                     for name, iv in regions.items()}
+                yield t, y, p, (r or None)
+        finally:
+            if pred_src is not None:
+                pred_src.close()
+
+
+def run_job(job: Job) -> dict:
+    """The metrics of one job (see :func:`edice_dist.metrics.track_metrics`)."""
+    # Every tee copy must be consumed, in lockstep, or tee would keep the whole genome.
+    k = 4 if job.annotation else 3
+    its = [map(operator.itemgetter(i), it)
+           for i, it in enumerate(itertools.tee(job_chunks(job), k))]
+    try:
+        return track_metrics(*its, *([None] if k == 3 else []), tmpdir=job.tmpdir)
+    except ValueError as e:
+        raise InputError(f"Evaluating {job.method} for {job.track.track_id}: {e}.") from None
+
+
+def _run_job_safe(job: Job) -> tuple[str, object]:
+    """For Ray tasks: return errors as values so the driver re-raises them cleanly."""
+    try:
+        return "ok", run_job(job)
+    except EdiceError as e:
+        return "input", str(e)
+    except Exception as e:  # unexpected: keep the type in the message
+        return "error", f"{type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------- caching
+
+
+def _stat(path: str) -> list:
+    fs, p = storage.filesystem(path)
+    info = fs.info(p)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+    return [path, int(info.get("size") or 0), str(stamp)]
+
+
+def _fingerprint(job: Job, store_id: str) -> dict:
+    files = [_stat(job.track.path)]
+    if job.track.peaks:
+        files.append(_stat(job.track.peaks))
+    if job.pred_path:
+        files.append(_stat(job.pred_path))
+    files += [_stat(p) for _, p in job.annotation]
+    return {"cache_version": _CACHE_VERSION, "tool_version": __version__, "method": job.method,
+            "space": job.space, "pred_space": job.pred_space, "files": files,
+            "store": store_id if job.store else "", "columns": list(job.columns),
+            "chroms": job.genome.to_json(), "peak_rule": None if job.track.peaks else PEAK_PVAL}
+
+
+def _cache_path(out: str, job: Job) -> str:
+    return storage.join(out, "_cache", f"{job.track.track_id}.{job.method}.json")
+
+
+def _cached(out: str, job: Job) -> dict | None:
+    path = _cache_path(out, job)
+    if not storage.exists(path):
+        return None
+    try:
+        d = json.loads(storage.read_text(path))
+    except (OSError, ValueError):
+        return None
+    if d.get("fingerprint") != json.loads(json.dumps(job.fingerprint)):
+        return None
+    return {k: (float("nan") if v is None else v) for k, v in d["metrics"].items()}
+
+
+def _save_cache(out: str, job: Job, metrics: dict) -> None:
+    d = {"fingerprint": job.fingerprint, "metrics": {k: _json_num(v) for k, v in metrics.items()}}
+    storage.write_text_atomic(_cache_path(out, job), json.dumps(d, indent=1) + "\n")
+
+
+def _json_num(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+# ---------------------------------------------------------------- planning and running
+
+
+def plan_jobs(truth: list[TruthTrack], preds: dict[str, tuple[str, str]], genome: Genome,
+              space: str, store=None, annotation: dict[str, str] | None = None,
+              tmpdir: str | None = None, read_bins: int = READ_BINS) -> list[Job]:
+    """One model job per truth track, plus AVG / TrackAVG jobs where the store has the
+    tracks to average."""
+    ann = tuple(sorted((annotation or {}).items()))
+    jobs = []
+    individuals = any(t.individual for t in truth)
+    for t in truth:
+        path, pspace = preds[t.track_id]
+        jobs.append(Job(t, "model", genome, space, pred_path=path, pred_space=pspace,
+                        annotation=ann, read_bins=read_bins, tmpdir=tmpdir))
+        if store is None:
+            continue
+        usable = [(i, s) for i, s in enumerate(store.tracks)
+                  if s.assay == t.assay and s.split in ("train", "val")]
+        avg = tuple(i for i, s in usable if s.cell_key != t.cell_key)
+        groups = {"AVG": avg}
+        if individuals and t.individual:
+            groups["TrackAVG"] = tuple(i for i, s in usable if s.cell_type == t.cell_type
+                                       and s.individual and s.individual != t.individual)
+        for method, cols in groups.items():
+            if not cols:
+                log(f"evaluate: no {method} baseline for {t.track_id}: the store has no "
+                    f"train/val {t.assay} track to average for it.")
+                continue
+            jobs.append(Job(t, method, genome, space, store=store.path, columns=cols,
+                            annotation=ann, read_bins=read_bins, tmpdir=tmpdir))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], out: str, parallel: bool | None = None) -> list[dict]:
+    """Metrics of every job, from the cache where its inputs are unchanged; with Ray
+    tasks when Ray is initialised (``parallel=None``) or ``parallel`` is true."""
+    results: list[dict | None] = [_cached(out, j) for j in jobs]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if len(todo) < len(jobs):
+        log(f"evaluate: {len(jobs) - len(todo)} of {len(jobs)} track evaluations reused from "
+            f"{storage.join(out, '_cache')}.")
+    if not todo:
+        return results
+    prog = Progress(len(todo), "evaluate", unit="track evaluations")
+    if parallel is None:
+        try:
+            import ray
+
+            parallel = ray.is_initialized() and len(todo) > 1
+        except ImportError:
+            parallel = False
+
+    def finish(i, status, value):
+        if status == "input":
+            raise InputError(value)
+        if status != "ok":
+            raise EdiceError(f"Evaluating {jobs[i].method} for {jobs[i].track.track_id} "
+                             f"failed: {value}")
+        results[i] = value
+        _save_cache(out, jobs[i], value)
+        prog.update()
+
+    if parallel:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=1)(_run_job_safe)
+        refs = {task.remote(jobs[i]): i for i in todo}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            status, value = ray.get(done[0])
+            finish(refs[done[0]], status, value)
+    else:
+        for i in todo:
+            finish(i, *_run_job_safe(jobs[i]))
+    return results
+
+
+# ---------------------------------------------------------------- tables
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+    """:data:`METRICS`, then the region MSEs present in ``rows``."""
+    extra = {k for r in rows for k in r if k.startswith("mse_") and k not in METRICS}
+    known = [f"mse_{r}" for r in REGIONS if f"mse_{r}" in extra]
+    return list(METRICS) + known + sorted(extra - set(known))
+
+
+def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """Means per assay (and ``all``) and method, skipping NaN (``n`` = tracks used), and
+    for each baseline the share of tracks on which the model is strictly better.
+
+    Returns
+    -------
+    list of dict
+        Keys ``assay method metric n mean model_beats n_paired``; ``model_beats`` and
+        ``n_paired`` are None on model rows.
+    """
+    key = operator.itemgetter("cell_key", "assay")
+    model = {key(r): r for r in rows if r["method"] == "model"}
+    out = []
+    for assay in sorted({r["assay"] for r in rows}) + ["all"]:
+        for method in METHODS:
+            sel = [r for r in rows if r["method"] == method and assay in (r["assay"], "all")]
+            if not sel:
+                continue
+            for m in metrics:
+                vals = np.array([r.get(m, np.nan) for r in sel], dtype=np.float64)
+                ok = np.isfinite(vals)
+                row = {"assay": assay, "method": method, "metric": m, "n": int(ok.sum()),
+                       "mean": float(vals[ok].mean()) if ok.any() else float("nan"),
+                       "model_beats": None, "n_paired": None}
+                if method != "model":
+                    pairs = [(model[key(r)].get(m, np.nan), r.get(m, np.nan)) for r in sel
+                             if key(r) in model]
+                    pairs = [(a, b) for a, b in pairs if np.isfinite(a) and np.isfinite(b)]
+                    wins = sum((a < b) if lower_is_better(m) else (a > b) for a, b in pairs)
+                    row["n_paired"] = len(pairs)
+                    row["model_beats"] = wins / len(pairs) if pairs else float("nan")
+                out.append(row)
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _tsv(columns: list[str], rows: list[dict]) -> str:
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(_fmt(r.get(c)) for c in columns) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def format_table(summary: list[dict], metrics: list[str]) -> str:
+    """The stdout table: per assay, the mean of each metric per method, and the share of
+    tracks on which the model beats each baseline."""
+    idx = {(s["assay"], s["method"], s["metric"]): s for s in summary}
+    short = {m: m.replace("mse_", "m_")[:9] for m in metrics}
+    lines = [f"{'assay':<12} {'method':<14} {'n':>4} " + " ".join(f"{short[m]:>9}" for m in metrics)]
+    for assay in dict.fromkeys(s["assay"] for s in summary):
+        for method in METHODS:
+            cells = [idx.get((assay, method, m)) for m in metrics]
+            if cells[0] is None:
+                continue
+            n = max(c["n"] for c in cells if c)
+            lines.append(f"{assay:<12} {method:<14} {n:>4} "
+                         + " ".join(f"{c['mean']:>9.4f}" if c else " " * 9 for c in cells))
+        for method in METHODS[1:]:
+            cells = [idx.get((assay, method, m)) for m in metrics]
+            if cells[0] is None:
+                continue
+            lines.append(f"{assay:<12} {'beats ' + method:<14} {cells[0]['n_paired']:>4} "
+                         + " ".join(f"{100 * c['model_beats']:>8.0f}%"
+                                    if c and np.isfinite(c["model_beats"]) else f"{'-':>9}"
+                                    for c in cells))
+        lines.append("")
+    lines.append("mean over tracks (NaN skipped; n = tracks); 'beats X' = % of tracks on which "
+                 "the model is better than X (lower mse*, higher otherwise)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _annotation(annotation: str | None, truth_path: str) -> dict[str, str]:
+    folder = annotation
+    if folder is None:
+        folder = storage.join(storage.parent(storage.parent(truth_path)), "annotation")
+        if not storage.exists(folder):
+            return {}
+    elif not folder:
+        return {}
+    elif not storage.exists(folder):
+        raise InputError(f"Annotation folder {folder} does not exist.")
+    found = {name: storage.join(folder, f) for name, f in ANNOTATION_FILES.items()
+             if storage.exists(storage.join(folder, f))}
+    if annotation and not found:
+        raise InputError(f"Annotation folder {folder} has none of "
+                         f"{', '.join(ANNOTATION_FILES.values())}.")
+    return found
+
+
+def evaluate(
+    truth: str,
+    imputed: str,
+    store: str | None = None,
+    out: str | None = None,
+    space: str = "arcsinh",
+    plots: bool = True,
+    annotation: str | None = None,
+    chrom_sizes: str | None = None,
+    imputed_space: str = "pval",
+    parallel: bool | None = None,
+    tmpdir: str | None = None,
+    read_bins: int = READ_BINS,
+    quiet: bool = False,
+) -> dict:
+    """Evaluate imputed tracks against the truth, with baselines (see the module docstring).
+
+    Parameters
+    ----------
+    truth : str
+        Truth manifest (``truth/targets.tsv``).
+    imputed : str
+        Folder of imputed bigWigs.
+    store : str, optional
+        Track store for the AVG / TrackAVG baselines.
+    out : str, optional
+        Output folder (default ``<imputed>/../evaluation``).
+    space : {"arcsinh", "pval"}
+        Space of the metrics: arcsinh(-log10 p) (the paper's) or -log10 p.
+    plots : bool
+        Write the PNG plots.
+    annotation : str, optional
+        Folder with promoters.bed, gene_bodies.bed, enhancers.bed; None looks beside the
+        truth folder, "" disables.
+    chrom_sizes : str, optional
+        Genome when no store is given.
+    imputed_space : {"pval", "arcsinh"}
+        Values of the imputed bigWigs unless their manifest says otherwise.
+    parallel : bool, optional
+        Ray tasks per track and method (default: when Ray is initialised).
+    tmpdir : str, optional
+        Folder for the external sorts (about 34 bytes per bin per running evaluation).
+
+    Returns
+    -------
+    dict
+        ``rows`` (per track and method), ``summary``, ``out`` and the written ``files``.
+    """
+    t0 = time.monotonic()
+    if space not in SPACES:
+        raise InputError(f"--space must be arcsinh or pval, got {space!r}.")
+    if imputed_space not in SPACES:
+        raise InputError(f"imputed_space must be arcsinh or pval, got {imputed_space!r}.")
+    truth_tracks = read_truth(truth)
+    preds = imputed_paths(imputed, truth_tracks, imputed_space)
+    st = None
+    if store:
+        from .store import open_store
+
+        st = open_store(store)
+    genome = resolve_genome(truth, truth_tracks, st.genome if st else None, chrom_sizes)
+    for t in truth_tracks:
+        if t.peaks and not storage.exists(t.peaks):
+            raise InputError(f"The peak BED {t.peaks} of truth track {t.track_id} does not "
+                             "exist. Fix the peaks column of the truth manifest, or empty it "
+                             f"to call peaks from the truth (-log10 p >= {PEAK_PVAL}).")
+        check_header(t.path, t.track_id, genome)
+        check_header(preds[t.track_id][0], f"imputed {t.track_id}", genome)
+    ann = _annotation(annotation, truth)
+    out = out or storage.join(storage.parent(imputed.rstrip("/")), "evaluation")
+    storage.makedirs(out)
+    jobs = plan_jobs(truth_tracks, preds, genome, space, st, ann, tmpdir, read_bins)
+    store_id = json.dumps(_stat(storage.join(store, "zarr.json"))) if store else ""
+    jobs = [replace(j, fingerprint=_fingerprint(j, store_id)) for j in jobs]
+    log(f"evaluate: {len(truth_tracks)} truth tracks, {len(jobs)} evaluations "
+        f"({', '.join(f'{m} {sum(j.method == m for j in jobs)}' for m in METHODS)}) over "
+        f"{genome.total_bins:,} bins in {space} space.")
+    results = run_jobs(jobs, out, parallel)
+
+    rows = []
+    for j, res in zip(jobs, results, strict=True):
+        t = j.track
+        rows.append({"cell_type": t.cell_type, "assay": t.assay, "method": j.method,
+                     "individual": t.individual, "cell_key": t.cell_key,
+                     "track_id": t.track_id, **res})
+    metrics = metric_columns(rows)
+    summary = summarise(rows, metrics)
+    has_ind = any(t.individual for t in truth_tracks)
+    cols = ["cell_type", "assay", "method"] + metrics + (["individual"] if has_ind else [])
+    files = {"metrics.tsv": storage.join(out, "metrics.tsv"),
+             "summary.tsv": storage.join(out, "summary.tsv"),
+             "metrics.json": storage.join(out, "metrics.json")}
+    storage.write_text_atomic(files["metrics.tsv"], _tsv(cols, rows))
+    storage.write_text_atomic(files["summary.tsv"], _tsv(
+        ["assay", "method", "metric", "n", "mean", "model_beats", "n_paired"], summary))
+    doc = {
+        "tool": "edice-dist", "tool_version": __version__, "space": space,
+        "truth": truth, "imputed": imputed, "store": store or None,
+        "genome": genome.to_json(), "metrics": metrics,
+        "peaks": f"truth BED when given, else bins with -log10 p >= {PEAK_PVAL}",
+        "annotation": ann,
+        "tracks": [{k: _json_num(v) for k, v in r.items()} for r in rows],
+        "summary": [{k: _json_num(v) for k, v in s.items()} for s in summary],
+    }
+    storage.write_text_atomic(files["metrics.json"], json.dumps(doc, indent=1) + "\n")
+    if plots:
+        from . import plots as _plots
+
+        files.update(_plots.write_all(out, rows, summary, metrics, jobs))
+    table = format_table(summary, metrics)
+    if not quiet:
+        print(table, flush=True)
+    log(f"evaluate: done in {time.monotonic() - t0:.0f} s; tables and plots in {out}.")
+    return {"rows": rows, "summary": summary, "out": out, "files": files, "table": table}
+
+

@@ -1,0 +1,283 @@
+"""`edice evaluate` end to end on a tiny hand-made genome: bigWigs and a store written here,
+every value checked against numpy / scipy / sklearn computations of the same definitions."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyBigWig
+import pytest
+from test_metrics import assert_matches, reference
+
+from edice_dist import store as store_mod
+from edice_dist.errors import InputError
+from edice_dist.evaluate import evaluate, imputed_paths, job_chunks, plan_jobs, read_truth
+from edice_dist.genome import Genome
+from edice_dist.metrics import METRICS
+from edice_dist.tracks import Track
+
+SIZES = {"chrA": 2400 * 25, "chrB": 1100 * 25 + 10}  # chrB's last bin has 10 bases
+GENOME = Genome(tuple(SIZES), tuple(SIZES.values()))
+NB = {c: -(-s // 25) for c, s in SIZES.items()}
+N = sum(NB.values())
+# (cell_type, individual, assay, split) of the store; the truth is c1@i1 A and c2@i2 B.
+STORE_TRACKS = [
+    ("c1", "i1", "A", "test"),  # the held-out truth itself: never a baseline input
+    ("c1", "i2", "A", "train"),
+    ("c1", "i3", "A", "val"),
+    ("c2", "i1", "A", "train"),
+    ("c3", "i1", "A", "test"),  # test: excluded from AVG
+    ("c1", "i1", "B", "train"),
+    ("c2", "i1", "B", "train"),
+    ("c3", "i2", "B", "train"),
+]
+TRUTH = [("c1", "i1", "A"), ("c2", "i2", "B")]
+
+
+def write_bigwig(path, values: dict[str, np.ndarray]) -> None:
+    """Fixed 25 bp steps; the last bin of a chromosome ends at its end."""
+    bw = pyBigWig.open(str(path), "w")
+    bw.addHeader(list(SIZES.items()), maxZooms=0)
+    for c, v in values.items():
+        full = len(v) - (1 if SIZES[c] % 25 else 0)
+        bw.addEntries(c, 0, values=v[:full].astype(np.float64), span=25, step=25)
+        if full < len(v):
+            bw.addEntries([c], [full * 25], ends=[SIZES[c]], values=[float(v[-1])])
+    bw.close()
+
+
+def signal(rng, shared):
+    """-log10 p-like values: a shared pattern plus track noise, float32, >= 0."""
+    return {c: np.maximum(0, shared[c] * rng.uniform(0.5, 1.5) + rng.gamma(0.3, 1.0, NB[c]))
+            .astype(np.float32) for c in SIZES}
+
+
+def peak_mask(intervals, chrom):
+    """Bins of ``chrom`` overlapping any [s, e) by >= 1 bp, by brute force."""
+    m = np.zeros(NB[chrom], bool)
+    for c, s, e in intervals:
+        if c == chrom:
+            for i in range(NB[chrom]):
+                if i * 25 < e and (i + 1) * 25 > s:
+                    m[i] = True
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalgenome")
+    rng = np.random.default_rng(0)
+    shared = {a: {c: np.where(rng.random(NB[c]) < 0.05, rng.gamma(2, 3, NB[c]), 0.0)
+                  for c in SIZES} for a in "AB"}
+    (root / "truth" / "peaks").mkdir(parents=True)
+    (root / "run" / "bigwig").mkdir(parents=True)
+    (root / "annotation").mkdir()
+    truth, imputed = {}, {}
+    peaks_iv = [("chrA", 100, 130), ("chrA", 5000, 5025), ("chrA", 30000, 31000),
+                ("chrB", 27400, 27510)]
+    (root / "truth" / "peaks" / "c1@i1-A.bed").write_text(
+        "".join(f"{c}\t{s}\t{e}\n" for c, s, e in peaks_iv))
+    lines = ["cell_type\tassay\tpath\tpeaks\tindividual"]
+    for cell, ind, assay in TRUTH:
+        tid = f"{cell}@{ind}-{assay}"
+        truth[tid] = signal(rng, shared[assay])
+        imputed[tid] = {c: np.maximum(0, v + rng.normal(0, 0.7, len(v))).astype(np.float32)
+                        for c, v in truth[tid].items()}
+        write_bigwig(root / "truth" / f"{tid}.bigWig", truth[tid])
+        write_bigwig(root / "run" / "bigwig" / f"{tid}.bigWig", imputed[tid])
+        lines.append(f"{cell}\t{assay}\t{tid}.bigWig\t"
+                     f"{'peaks/' + tid + '.bed' if assay == 'A' else ''}\t{ind}")
+    (root / "truth" / "targets.tsv").write_text("\n".join(lines) + "\n")
+    (root / "annotation" / "promoters.bed").write_text("chrA\t0\t2000\nchrB\t1000\t1500\n")
+    (root / "chrom.sizes").write_text("".join(f"{c}\t{s}\n" for c, s in SIZES.items()))
+
+    tracks = [Track(c, a, "x", s, i) for c, i, a, s in STORE_TRACKS]
+    obs = {t.track_id: {c: np.arcsinh(signal(rng, shared[t.assay])[c].astype(np.float64))
+                        .astype(np.float32) for c in SIZES} for t in tracks}
+    spath = str(root / "store")
+    grp = store_mod.create(spath, GENOME, tracks, chunk_bins=512, dtype="float32")
+    for c in SIZES:
+        grp["signal"][c][:] = np.stack([obs[t.track_id][c] for t in tracks], axis=1)
+    return {"root": root, "truth": truth, "imputed": imputed, "obs": obs, "tracks": tracks,
+            "peaks": {c: peak_mask(peaks_iv, c) for c in SIZES}, "store": spath,
+            "promoter": {c: peak_mask([("chrA", 0, 2000), ("chrB", 1000, 1500)], c)
+                         for c in SIZES}}
+
+
+def cat(d):
+    return np.concatenate([d[c] for c in SIZES])
+
+
+def asinh32(d):
+    return {c: np.arcsinh(v.astype(np.float64)).astype(np.float32) for c, v in d.items()}
+
+
+def read_tsv(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return rows
+
+
+def test_end_to_end_with_baselines(tiny, capsys):
+    root = tiny["root"]
+    res = evaluate(str(root / "truth" / "targets.tsv"), str(root / "run" / "bigwig"),
+                   store=tiny["store"], parallel=False)
+    out = root / "run" / "evaluation"
+    assert res["out"] == str(out)
+    rows = read_tsv(out / "metrics.tsv")
+    cols = list(rows[0])
+    assert cols[:3 + len(METRICS)] == ["cell_type", "assay", "method", *METRICS]
+    assert cols[3 + len(METRICS):] == ["mse_promoter", "individual"]
+    doc = json.loads((out / "metrics.json").read_text())
+    exact = {(r["cell_key"], r["assay"], r["method"]): r for r in doc["tracks"]}
+    assert {(r["cell_type"], r["individual"], r["assay"], r["method"]) for r in rows} == {
+        ("c1", "i1", "A", "model"), ("c1", "i1", "A", "AVG"), ("c1", "i1", "A", "TrackAVG"),
+        ("c2", "i2", "B", "model"), ("c2", "i2", "B", "AVG"), ("c2", "i2", "B", "TrackAVG")}
+
+    store_ids = [t.track_id for t in tiny["tracks"]]
+    for cell, ind, assay in TRUTH:
+        key, tid = f"{cell}@{ind}", f"{cell}@{ind}-{assay}"
+        t = cat(asinh32(tiny["truth"][tid]))
+        pval = cat(tiny["truth"][tid])
+        peaks = cat(tiny["peaks"]) if assay == "A" else pval >= 2.0
+        regions = {"promoter": cat(tiny["promoter"])}
+        preds = {"model": cat(asinh32(tiny["imputed"][tid]))}
+        # AVG: same assay, other cell keys, train/val only; TrackAVG: same cell type,
+        # other individuals. Listed by hand from STORE_TRACKS.
+        avg_ids = {"A": ["c1@i2-A", "c1@i3-A", "c2@i1-A"],
+                   "B": ["c1@i1-B", "c2@i1-B", "c3@i2-B"]}[assay]
+        track_ids = {"A": ["c1@i2-A", "c1@i3-A"], "B": ["c2@i1-B"]}[assay]
+        assert all(i in store_ids for i in avg_ids + track_ids)
+        for method, ids in (("AVG", avg_ids), ("TrackAVG", track_ids)):
+            preds[method] = np.mean([cat(tiny["obs"][i]) for i in ids], axis=0,
+                                    dtype=np.float64).astype(np.float32)
+        for method, y in preds.items():
+            want = reference(t, y, peaks, regions)
+            assert_matches(exact[(key, assay, method)], want)
+            tsv = next(r for r in rows if r["cell_type"] == cell and r["assay"] == assay
+                       and r["method"] == method)
+            for m, v in want.items():
+                assert float(tsv[m]) == pytest.approx(v, rel=2e-5, abs=1e-9), (method, m)
+            assert exact[(key, assay, method)]["n_bins"] == N
+
+    summary = read_tsv(out / "summary.tsv")
+    got = {(s["assay"], s["method"], s["metric"]): s for s in summary}
+    model = [exact[(f"{c}@{i}", a, "model")] for c, i, a in TRUTH]
+    avg = [exact[(f"{c}@{i}", a, "AVG")] for c, i, a in TRUTH]
+    for m in ("mse", "gwcorr", "auprc"):
+        assert float(got[("all", "model", m)]["mean"]) == pytest.approx(
+            np.mean([r[m] for r in model]), rel=1e-5)
+        better = [(a[m] < b[m]) if m == "mse" else (a[m] > b[m]) for a, b in zip(model, avg, strict=True)]
+        assert float(got[("all", "AVG", m)]["model_beats"]) == pytest.approx(np.mean(better))
+        assert got[("all", "AVG", m)]["n_paired"] == "2"
+    assert got[("A", "TrackAVG", "mse")]["n"] == "1" and got[("all", "TrackAVG", "mse")]["n"] == "2"
+
+    printed = capsys.readouterr().out
+    assert "beats AVG" in printed and "TrackAVG" in printed
+    for name in ("metrics_by_assay.png", "scatter_model_vs_AVG.png",
+                 "scatter_model_vs_TrackAVG.png", "browser_c1@i1-A.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    # A re-run with unchanged inputs reuses every result; a changed input is recomputed.
+    evaluate(str(root / "truth" / "targets.tsv"), str(root / "run" / "bigwig"),
+             store=tiny["store"], parallel=False, plots=False)
+    assert "6 of 6 track evaluations reused" in capsys.readouterr().err
+
+
+def test_pval_space_and_no_store(tiny, tmp_path):
+    root = tiny["root"]
+    out = tmp_path / "ev"
+    res = evaluate(str(root / "truth" / "targets.tsv"), str(root / "run" / "bigwig"),
+                   out=str(out), space="pval", plots=False, annotation="", parallel=False)
+    assert {r["method"] for r in res["rows"]} == {"model"}
+    doc = json.loads((out / "metrics.json").read_text())
+    for r in doc["tracks"]:
+        tid = r["track_id"]
+        t, y = cat(tiny["truth"][tid]), cat(tiny["imputed"][tid])
+        peaks = cat(tiny["peaks"]) if r["assay"] == "A" else t >= 2.0
+        assert_matches(r, reference(t, y, peaks))
+        assert "mse_promoter" not in r
+
+
+def test_parallel_ray_equals_sequential(tiny, tmp_path, ray_local):
+    root = tiny["root"]
+    kw = dict(store=tiny["store"], plots=False)
+    a = evaluate(str(root / "truth" / "targets.tsv"), str(root / "run" / "bigwig"),
+                 out=str(tmp_path / "seq"), parallel=False, **kw)
+    b = evaluate(str(root / "truth" / "targets.tsv"), str(root / "run" / "bigwig"),
+                 out=str(tmp_path / "par"), parallel=True, **kw)
+    assert (tmp_path / "seq" / "metrics.tsv").read_text() == (tmp_path / "par" / "metrics.tsv").read_text()
+    assert len(a["rows"]) == len(b["rows"]) == 6
+
+
+def test_missing_imputed_file_names_the_track(tiny, tmp_path):
+    root = tiny["root"]
+    bw = tmp_path / "bw"
+    bw.mkdir()
+    (bw / "c1@i1-A.bigWig").write_bytes((root / "run" / "bigwig" / "c1@i1-A.bigWig").read_bytes())
+    with pytest.raises(InputError, match=r"c2@i2-B.*expected .*bw/c2@i2-B\.bigWig"):
+        evaluate(str(root / "truth" / "targets.tsv"), str(bw), plots=False)
+
+
+def test_imputed_bigwig_of_another_genome_is_rejected(tiny, tmp_path):
+    root = tiny["root"]
+    bw_dir = tmp_path / "bw"
+    bw_dir.mkdir()
+    (bw_dir / "c2@i2-B.bigWig").write_bytes((root / "run" / "bigwig" / "c2@i2-B.bigWig").read_bytes())
+    short = pyBigWig.open(str(bw_dir / "c1@i1-A.bigWig"), "w")
+    short.addHeader([("chrA", SIZES["chrA"])], maxZooms=0)
+    short.addEntries("chrA", 0, values=[1.0] * 10, span=25, step=25)
+    short.close()
+    with pytest.raises(InputError, match="no chromosome chrB"):
+        evaluate(str(root / "truth" / "targets.tsv"), str(bw_dir), plots=False)
+
+
+def test_constant_imputation_gives_nan_correlation_and_counts(tiny, tmp_path):
+    root = tiny["root"]
+    bw_dir = tmp_path / "bw"
+    bw_dir.mkdir()
+    for cell, ind, assay in TRUTH:
+        write_bigwig(bw_dir / f"{cell}@{ind}-{assay}.bigWig",
+                     {c: np.full(NB[c], 1.5, np.float32) for c in SIZES})
+    res = evaluate(str(root / "truth" / "targets.tsv"), str(bw_dir), plots=True,
+                   parallel=False, out=str(tmp_path / "ev"))
+    assert all(np.isnan(r["gwcorr"]) and np.isnan(r["gwspear"]) for r in res["rows"])
+    s = {(x["assay"], x["metric"]): x for x in res["summary"] if x["method"] == "model"}
+    assert s[("all", "gwcorr")]["n"] == 0 and np.isnan(s[("all", "gwcorr")]["mean"])
+    assert s[("all", "mse")]["n"] == 2
+    assert read_tsv(tmp_path / "ev" / "metrics.tsv")[0]["gwcorr"] == "nan"
+
+
+def test_avg_baseline_is_the_numpy_mean_of_the_other_cells(tiny):
+    root = tiny["root"]
+    truth = read_truth(str(root / "truth" / "targets.tsv"))
+    preds = imputed_paths(str(root / "run" / "bigwig"), truth)
+    jobs = plan_jobs(truth, preds, GENOME, "pval", store_mod.open_store(tiny["store"]),
+                     read_bins=700)
+    job = next(j for j in jobs if j.method == "AVG" and j.track.assay == "A")
+    got = np.concatenate([y for _, y, _, _ in job_chunks(job)])
+    ids = ["c1@i2-A", "c1@i3-A", "c2@i1-A"]  # same assay, other cells, train/val only
+    want = np.mean([np.sinh(cat(tiny["obs"][i]).astype(np.float64)) for i in ids], axis=0)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6)
+
+
+def test_imputed_manifest_with_arcsinh_values(tiny, tmp_path):
+    """A manifest.tsv in the imputed folder names the files and their value space."""
+    root = tiny["root"]
+    d = tmp_path / "bw"
+    d.mkdir()
+    rows = ["cell_type\tassay\tindividual\tpath\tspace"]
+    for cell, ind, assay in TRUTH:
+        tid = f"{cell}@{ind}-{assay}"
+        write_bigwig(d / f"x{tid}.bw", asinh32(tiny["imputed"][tid]))
+        rows.append(f"{cell}\t{assay}\t{ind}\tx{tid}.bw\tarcsinh")
+    (d / "manifest.tsv").write_text("\n".join(rows) + "\n")
+    res = evaluate(str(root / "truth" / "targets.tsv"), str(d), plots=False, annotation="",
+                   parallel=False, out=str(tmp_path / "ev"))
+    for r in res["rows"]:
+        tid = r["track_id"]
+        t, y = cat(asinh32(tiny["truth"][tid])), cat(asinh32(tiny["imputed"][tid]))
+        peaks = cat(tiny["peaks"]) if r["assay"] == "A" else cat(tiny["truth"][tid]) >= 2.0
+        assert_matches(r, reference(t, y, peaks), rtol=1e-6)
