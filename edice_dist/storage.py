@@ -103,7 +103,20 @@ def rename(src: str, dst: str) -> None:
     if not is_url(src):
         os.replace(s, d)
         return
-    fs.mv(s, d, recursive=True)
+    if fs.isfile(s):
+        fs.mv(s, d)
+        return
+    # fsspec's recursive mv also copies the folder pseudo-entries of an object store,
+    # which fails (NoSuchKey): copy the objects one by one, then delete them.
+    files = fs.find(s)
+    if not files:
+        raise FileNotFoundError(src)
+    prefix = s.rstrip("/") + "/"
+    targets = [d.rstrip("/") + "/" + f[len(prefix):] for f in files]
+    fs.copy(files, targets)
+    fs.rm(files)
+    fs.invalidate_cache(s)
+    fs.invalidate_cache(d)
 
 
 def list_dir(path: str) -> list[str]:
