@@ -8,7 +8,7 @@ pairs of the vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +147,12 @@ class EDICE(nn.Module):
         cfg = self.cfg
         B = x.shape[0]
         s = support.to(x.dtype)
-        grid = x.new_zeros(B, cfg.n_cells, cfg.n_assays)
-        grid[:, track_cells, track_assays] = x * s
+        # Unsupported columns may hold anything (NaN padding included) and may repeat a
+        # real column's (cell, assay): zero them and accumulate, so they add nothing.
+        vals = torch.where(support, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        flat = track_cells * cfg.n_assays + track_assays
+        grid = x.new_zeros(B, cfg.n_cells * cfg.n_assays).index_add_(1, flat, vals)
+        grid = grid.view(B, cfg.n_cells, cfg.n_assays)
         nc = x.new_zeros(B, cfg.n_cells).index_add_(1, track_cells, s)
         na = x.new_zeros(B, cfg.n_assays).index_add_(1, track_assays, s)
         y_cells = grid / nc.clamp(min=1)[:, :, None]
@@ -205,6 +209,48 @@ class EDICE(nn.Module):
                 1, pos_a[..., None].expand(-1, -1, H)
             )
         return self.decode_hidden(z)
+
+
+def extend_vocab(model: EDICE, n_cells: int, n_assays: int) -> EDICE:
+    """A copy of ``model`` whose vocabulary grows to ``n_cells`` x ``n_assays`` (new
+    entries appended after the old ones), for transfer learning (SPEC 2.7).
+
+    The signal embedders get zero input columns for the new assays (cell side) and the
+    new cells (assay side), so on inputs restricted to the old vocabulary every old node
+    embeds exactly as before. New global embedding rows start at the mean of the old
+    rows: a new cell type starts as "an average cell type" rather than at noise.
+
+    Returns
+    -------
+    EDICE
+        A new module (same device and dtype as ``model``); ``model`` is left untouched.
+    """
+    cfg = model.cfg
+    if n_cells < cfg.n_cells or n_assays < cfg.n_assays:
+        raise ValueError(
+            f"extend_vocab only grows a vocabulary ({cfg.n_cells} x {cfg.n_assays} -> "
+            f"{n_cells} x {n_assays})"
+        )
+    ref = next(model.parameters())
+    new = EDICE(replace(cfg, n_cells=n_cells, n_assays=n_assays)).to(ref.device, ref.dtype)
+    old_state = model.state_dict()
+    state = new.state_dict()
+    with torch.no_grad():
+        for name, value in old_state.items():
+            target = state[name]
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif name in ("cell_embed.linear.weight", "assay_embed.linear.weight"):
+                target.zero_()
+                target[:, : value.shape[1]] = value
+            elif name in ("cell_embed.table.weight", "assay_embed.table.weight"):
+                target[: value.shape[0]] = value
+                target[value.shape[0]:] = value.mean(dim=0)
+            else:  # pragma: no cover - every other parameter is vocabulary-free
+                raise RuntimeError(f"unexpected shape change of {name}")
+    new.load_state_dict(state)
+    new.train(model.training)
+    return new
 
 
 def decoder_macs(cfg: ModelConfig) -> int:

@@ -1,0 +1,314 @@
+"""The eDICE model against SPEC section 2, checked with an independent numpy version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edice_dist.model import EDICE, ModelConfig, extend_vocab
+
+
+def small_model(n_cells=5, n_assays=4, seed=0, **kw) -> EDICE:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_cells, n_assays, embed_dim=16, n_heads=4, ffn_dim=8,
+                      decoder_hidden=32, **kw)
+    model = EDICE(cfg).eval()
+    # Non-zero biases and embeddings everywhere, so that every term of SPEC 2 matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def random_batch(n_cells=5, n_assays=4, n_bins=6, seed=1, p_obs=0.6, p_sup=0.7):
+    """Observed tracks (a random subset of the grid), values and a random support mask."""
+    rng = np.random.default_rng(seed)
+    pairs = [(c, a) for c in range(n_cells) for a in range(n_assays) if rng.random() < p_obs]
+    tc = torch.tensor([c for c, _ in pairs])
+    ta = torch.tensor([a for _, a in pairs])
+    x = torch.from_numpy(rng.gamma(1.0, 1.0, size=(n_bins, len(pairs))).astype(np.float32))
+    support = torch.from_numpy(rng.random((n_bins, len(pairs))) < p_sup)
+    return x, support, tc, ta
+
+
+# -- an independent implementation of SPEC section 2, one bin at a time, in float64 -----------
+
+def _np_params(model):
+    return {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+
+
+def _np_block(h, has_key, P, pre, n_heads):
+    """Multi-head self-attention over all nodes (keys masked), residual, FFN, residual."""
+    N, d = h.shape
+    hd = d // n_heads
+    w, b = P[f"{pre}.in_proj.weight"], P[f"{pre}.in_proj.bias"]
+    q, k, v = (h @ w[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d] for i in range(3))
+    out = np.zeros((N, d))
+    if has_key.any():
+        for head in range(n_heads):
+            s = slice(head * hd, (head + 1) * hd)
+            scores = q[:, s] @ k[:, s].T / np.sqrt(hd)
+            scores[:, ~has_key] = -np.inf
+            a = np.exp(scores - scores.max(axis=1, keepdims=True))
+            a /= a.sum(axis=1, keepdims=True)
+            out[:, s] = a @ v[:, s]
+        out = out @ P[f"{pre}.out_proj.weight"].T + P[f"{pre}.out_proj.bias"]
+    x = h + out
+    f = np.maximum(x @ P[f"{pre}.ffn.0.weight"].T + P[f"{pre}.ffn.0.bias"], 0)
+    return x + f @ P[f"{pre}.ffn.2.weight"].T + P[f"{pre}.ffn.2.bias"]
+
+
+def numpy_forward(model, x, support, tc, ta, qc, qa):
+    """Predictions (B, K) for targets qc, qa of shape (K,) or (B, K)."""
+    cfg = model.cfg
+    P = _np_params(model)
+    x, support = x.double().numpy(), support.numpy()
+    tc, ta = tc.numpy(), ta.numpy()
+    qc, qa = np.asarray(qc), np.asarray(qa)
+    B = x.shape[0]
+    K = qc.shape[-1]
+    out = np.zeros((B, K))
+    for b in range(B):
+        yc = np.zeros((cfg.n_cells, cfg.n_assays))
+        nc = np.zeros(cfg.n_cells)
+        na = np.zeros(cfg.n_assays)
+        for t in range(len(tc)):
+            if support[b, t]:
+                yc[tc[t], ta[t]] = x[b, t]
+                nc[tc[t]] += 1
+                na[ta[t]] += 1
+        ya = yc.T.copy()
+        yc = yc / np.maximum(nc, 1)[:, None]
+        ya = ya / np.maximum(na, 1)[:, None]
+        hc = np.maximum(yc @ P["cell_embed.linear.weight"].T + P["cell_embed.linear.bias"], 0) \
+            + P["cell_embed.table.weight"]
+        ha = np.maximum(ya @ P["assay_embed.linear.weight"].T + P["assay_embed.linear.bias"], 0) \
+            + P["assay_embed.table.weight"]
+        cc = _np_block(hc, nc > 0, P, "cell_context", cfg.n_heads)
+        ac = _np_block(ha, na > 0, P, "assay_context", cfg.n_heads)
+        rc = qc[b] if qc.ndim == 2 else qc
+        ra = qa[b] if qa.ndim == 2 else qa
+        for k in range(K):
+            z = np.concatenate([cc[rc[k]], ac[ra[k]]])
+            for i in range(cfg.decoder_layers):
+                z = np.maximum(P[f"decoder.{i}.weight"] @ z + P[f"decoder.{i}.bias"], 0)
+            out[b, k] = (P["output.weight"] @ z + P["output.bias"])[0]
+    return out
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+def test_paper_model_has_5985025_parameters():
+    model = EDICE(ModelConfig(n_cells=127, n_assays=24))
+    assert model.n_parameters() == 5_985_025
+    # SPEC 2.4: about 88 % of them in the decoder.
+    dec = sum(p.numel() for p in model.decoder.parameters()) + sum(
+        p.numel() for p in model.output.parameters())
+    assert 0.87 < dec / model.n_parameters() < 0.89
+    cfg = model.cfg
+    assert (cfg.embed_dim, cfg.n_heads, cfg.ffn_dim, cfg.decoder_hidden, cfg.decoder_layers,
+            cfg.decoder_dropout, cfg.attn_dropout) == (256, 4, 128, 2048, 2, 0.3, 0.1)
+
+
+def test_forward_matches_numpy_reference():
+    model = small_model()
+    x, support, tc, ta = random_batch()
+    qc = torch.tensor([0, 1, 4, 4, 2])
+    qa = torch.tensor([3, 0, 1, 2, 2])
+    with torch.no_grad():
+        got = model(x, support, tc, ta, qc, qa).numpy()
+    ref = numpy_forward(model, x, support, tc, ta, qc, qa)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_per_bin_targets_match_reference():
+    model = small_model(decoder_layers=3)
+    x, support, tc, ta = random_batch(n_bins=4, seed=3)
+    rng = np.random.default_rng(0)
+    qc = torch.from_numpy(rng.integers(0, 5, size=(4, 6)))
+    qa = torch.from_numpy(rng.integers(0, 4, size=(4, 6)))
+    with torch.no_grad():
+        got = model(x, support, tc, ta, qc, qa).numpy()
+    np.testing.assert_allclose(got, numpy_forward(model, x, support, tc, ta, qc, qa),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_node_inputs_divide_by_support_counts():
+    """SPEC 2.1 on a case worked by hand: 3 cells, 2 assays, 4 tracks, 2 bins."""
+    model = small_model(n_cells=3, n_assays=2)
+    tc = torch.tensor([0, 0, 1, 2])
+    ta = torch.tensor([0, 1, 1, 0])
+    x = torch.tensor([[2.0, 4.0, 6.0, 8.0],
+                      [1.0, 3.0, 5.0, 7.0]])
+    support = torch.tensor([[True, True, True, False],
+                            [False, True, False, False]])
+    y_c, y_a, nc, na = model.node_inputs(x, support, tc, ta)
+    # bin 0: cell 0 has both assays (N=2), cell 1 assay 1 (N=1), cell 2 nothing.
+    #        assay 0 has cell 0 (N=1); assay 1 has cells 0 and 1 (N=2).
+    # bin 1: only (cell 0, assay 1) = 3.
+    want_c = np.array([[[1.0, 2.0], [0.0, 6.0], [0.0, 0.0]],
+                       [[0.0, 3.0], [0.0, 0.0], [0.0, 0.0]]])
+    want_a = np.array([[[2.0, 0.0, 0.0], [2.0, 3.0, 0.0]],
+                       [[0.0, 0.0, 0.0], [3.0, 0.0, 0.0]]])
+    np.testing.assert_allclose(y_c.numpy(), want_c)
+    np.testing.assert_allclose(y_a.numpy(), want_a)
+    np.testing.assert_array_equal(nc.numpy(), [[2, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(na.numpy(), [[1, 2], [0, 1]])
+
+
+def test_node_inputs_match_numpy_on_random_data():
+    model = small_model()
+    x, support, tc, ta = random_batch(n_bins=9, seed=5)
+    y_c, y_a, _, _ = model.node_inputs(x, support, tc, ta)
+    xs = np.where(support.numpy(), x.numpy(), 0.0)
+    for b in range(x.shape[0]):
+        grid = np.zeros((5, 4))
+        grid[tc.numpy(), ta.numpy()] = xs[b]
+        n_c = np.bincount(tc.numpy(), weights=support[b].numpy(), minlength=5)
+        n_a = np.bincount(ta.numpy(), weights=support[b].numpy(), minlength=4)
+        np.testing.assert_allclose(y_c[b].numpy(), grid / np.maximum(n_c, 1)[:, None], rtol=1e-6)
+        np.testing.assert_allclose(y_a[b].numpy(), grid.T / np.maximum(n_a, 1)[:, None], rtol=1e-6)
+
+
+def test_prediction_is_invariant_to_support_order():
+    model = small_model()
+    x, support, tc, ta = random_batch(seed=7)
+    qc, qa = torch.tensor([0, 2, 3]), torch.tensor([1, 1, 3])
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.shape[1]))
+    with torch.no_grad():
+        a = model(x, support, tc, ta, qc, qa)
+        b = model(x[:, perm], support[:, perm], tc[perm], ta[perm], qc, qa)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_padding_changes_nothing():
+    """Extra columns masked out, holding garbage (NaN, inf, huge values) and pointing at
+    cells and assays that also have real supports, or none."""
+    model = small_model()
+    x, support, tc, ta = random_batch(seed=11)
+    qc, qa = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 1, 2, 3, 0])
+    n_pad = 7
+    rng = np.random.default_rng(2)
+    garbage = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -5.0, 3.0, 0.0])
+    x_pad = torch.cat([x, garbage.repeat(x.shape[0], 1)], dim=1)
+    s_pad = torch.cat([support, torch.zeros(x.shape[0], n_pad, dtype=torch.bool)], dim=1)
+    tc_pad = torch.cat([tc, torch.cat([tc[:3], torch.from_numpy(rng.integers(0, 5, 4))])])
+    ta_pad = torch.cat([ta, torch.cat([ta[:3], torch.from_numpy(rng.integers(0, 4, 4))])])
+    with torch.no_grad():
+        a = model(x, support, tc, ta, qc, qa)
+        b = model(x_pad, s_pad, tc_pad, ta_pad, qc, qa)
+    assert torch.isfinite(b).all()
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_cell_without_supports_gets_prediction_from_its_global_embedding():
+    model = small_model()
+    x, support, tc, ta = random_batch(seed=13, p_obs=0.9)
+    support[:, tc == 2] = False  # cell 2 has no support at any bin
+    qc, qa = torch.tensor([2, 2, 0]), torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        pred = model(x, support, tc, ta, qc, qa)
+        y_c, _, nc, _ = model.node_inputs(x, support, tc, ta)
+        h = model.cell_embed(y_c)
+    assert torch.isfinite(pred).all()
+    assert (nc[:, 2] == 0).all()
+    # Its embedding is the global one plus ReLU(b_C): no signal term.
+    want = (torch.relu(model.cell_embed.linear.bias) + model.cell_embed.table.weight[2]).detach()
+    np.testing.assert_allclose(h[:, 2].numpy(), want.expand(x.shape[0], -1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(pred.numpy(), numpy_forward(model, x, support, tc, ta, qc, qa),
+                               rtol=1e-4, atol=1e-5)
+    # The global row is what carries it: change it and only cell 2's predictions move.
+    with torch.no_grad():
+        model.cell_embed.table.weight[2] += 0.5
+        moved = model(x, support, tc, ta, qc, qa)
+    assert not torch.allclose(moved[:, :2], pred[:, :2])
+    np.testing.assert_allclose(moved[:, 2].numpy(), pred[:, 2].numpy(), rtol=1e-6)
+
+
+def test_bin_without_any_support_is_finite():
+    model = small_model()
+    x, support, tc, ta = random_batch(seed=17)
+    support[1] = False
+    with torch.no_grad():
+        pred = model(x, support, tc, ta, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert torch.isfinite(pred).all()
+    np.testing.assert_allclose(pred.numpy(),
+                               numpy_forward(model, x, support, tc, ta, [0, 1], [2, 3]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_queries_only_for_the_targets_cells_and_assays(monkeypatch):
+    model = small_model(n_cells=7, n_assays=6)
+    x, support, tc, ta = random_batch(n_cells=7, n_assays=6, seed=19)
+    seen = {}
+
+    def spy(block, name):
+        orig = block.forward
+
+        def fwd(h, has_key, query):
+            seen[name] = query.clone()
+            return orig(h, has_key, query)
+        monkeypatch.setattr(block, "forward", fwd)
+
+    spy(model.cell_context, "cells")
+    spy(model.assay_context, "assays")
+    qc = torch.tensor([[5, 1], [1, 1]])
+    qa = torch.tensor([[0, 4], [4, 0]])
+    with torch.no_grad():
+        pred = model(x[:2], support[:2], tc, ta, qc, qa)
+    assert seen["cells"].tolist() == [1, 5]
+    assert seen["assays"].tolist() == [0, 4]
+    np.testing.assert_allclose(pred.numpy(),
+                               numpy_forward(model, x[:2], support[:2], tc, ta, qc, qa),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_only_in_training_mode():
+    model = small_model()
+    x, support, tc, ta = random_batch(seed=23)
+    q = (torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with torch.no_grad():
+        a, b = model(x, support, tc, ta, *q), model(x, support, tc, ta, *q)
+        model.train()
+        torch.manual_seed(0)
+        c = model(x, support, tc, ta, *q)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_extend_vocab_keeps_old_predictions():
+    model = small_model()
+    x, support, tc, ta = random_batch(seed=29)
+    qc, qa = torch.tensor([0, 3, 4]), torch.tensor([1, 0, 3])
+    big = extend_vocab(model, 7, 6).eval()
+    assert (big.cfg.n_cells, big.cfg.n_assays) == (7, 6)
+    with torch.no_grad():
+        np.testing.assert_allclose(big(x, support, tc, ta, qc, qa).numpy(),
+                                   model(x, support, tc, ta, qc, qa).numpy(), rtol=1e-6)
+        old_rows = model.cell_embed.table.weight
+        np.testing.assert_allclose(big.cell_embed.table.weight[5:].numpy(),
+                                   old_rows.mean(0).expand(2, -1).numpy(), rtol=1e-6)
+        assert (big.cell_embed.linear.weight[:, 4:] == 0).all()
+        assert (big.assay_embed.linear.weight[:, 5:] == 0).all()
+        # New nodes can be targets.
+        assert torch.isfinite(big(x, support, tc, ta, torch.tensor([6]), torch.tensor([5]))).all()
+    with pytest.raises(ValueError, match="only grows"):
+        extend_vocab(model, 4, 4)
+
+
+def test_model_on_device(device):
+    """CPU vs the device (CUDA when present); bf16 autocast stays close on CUDA."""
+    model = small_model()
+    x, support, tc, ta = random_batch(seed=31)
+    qc, qa = torch.tensor([0, 1, 2]), torch.tensor([3, 2, 1])
+    with torch.no_grad():
+        ref = model(x, support, tc, ta, qc, qa)
+        dev = model.to(device)
+        args = [t.to(device) for t in (x, support, tc, ta, qc, qa)]
+        got = dev(*args).cpu()
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-3, atol=1e-4)
+        if device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                low = dev(*args).float().cpu()
+            np.testing.assert_allclose(low.numpy(), ref.numpy(), rtol=5e-2, atol=5e-2)

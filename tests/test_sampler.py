@@ -1,0 +1,214 @@
+"""Training batches from the store: coverage, sharding, masking, validation bins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from trainstore import make_store
+
+from edice_dist import storage
+from edice_dist import store as store_mod
+from edice_dist.errors import InputError
+from edice_dist.genome import Chunk
+from edice_dist.sampler import (
+    TrainSampler,
+    avg_weights,
+    draw_targets,
+    effective_n_targets,
+    read_validation,
+    split_pieces,
+    validation_plan,
+)
+
+
+@pytest.fixture(scope="module")
+def bin_store(tmp_path_factory):
+    """A float32 store whose column 0 holds each bin's genome-wide index, so that every
+    sampled row can be traced back to its bin; column 1 its chromosome number."""
+    path = str(tmp_path_factory.mktemp("sampler") / "store")
+    st, truth = make_store(path, n_cells=4, n_assays=3, chrom_bins=(2100, 1337, 50),
+                           chunk_bins=256, splits={(1, 1): "val", (2, 0): "test"})
+    root = zarr.open_group(storage.zarr_store(path), mode="r+")
+    off = 0
+    for i, c in enumerate(st.genome.chroms):
+        n = st.genome.n_bins(c)
+        arr = root["signal"][store_mod.array_key(c, i)]
+        data = np.asarray(arr[:])
+        data[:, 0] = np.arange(off, off + n)
+        data[:, 1] = i
+        arr[:] = data
+        truth[c] = data
+        off += n
+    return store_mod.open_store(path), truth
+
+
+def _genome_table(st, truth):
+    return np.concatenate([truth[c] for c in st.genome.chroms])
+
+
+def test_draw_targets_is_a_uniform_subset_per_row():
+    rng = np.random.default_rng(0)
+    target, support = draw_targets(rng, 4000, 10, 3)
+    assert target.shape == (4000, 3) and support.shape == (4000, 10)
+    assert all(len(set(row)) == 3 for row in target)
+    # Support is exactly the complement of the targets.
+    mask = np.zeros_like(support)
+    np.put_along_axis(mask, target, True, axis=1)
+    assert np.array_equal(support, ~mask)
+    # Each column is a target in ~3/10 of the rows (binomial sd ~0.007).
+    freq = mask.mean(axis=0)
+    assert np.all(np.abs(freq - 0.3) < 0.035)
+    # Pairs are as often together as a uniform subset gives: P = 3*2/(10*9).
+    both = (mask[:, 0] & mask[:, 1]).mean()
+    assert abs(both - 6 / 90) < 0.02
+    with pytest.raises(ValueError):
+        draw_targets(rng, 2, 3, 3)
+
+
+def test_effective_n_targets_caps_to_a_fraction():
+    assert effective_n_targets(120, 1014, 0.5) == 120  # paper scale: as asked
+    assert effective_n_targets(120, 55, 0.5) == 27  # small consortium: half at most
+    assert effective_n_targets(120, 2, 0.5) == 1
+    assert effective_n_targets(120, 3, 0.1) == 1  # at least one target
+    assert effective_n_targets(5, 40, 0.5) == 5
+    with pytest.raises(ValueError):
+        effective_n_targets(1, 1, 0.5)
+
+
+def test_split_pieces_gives_every_worker_something():
+    chunks = [Chunk("chr1", 0, 0, 10)]
+    pieces = split_pieces(chunks, 8)
+    assert len(pieces) >= 8
+    assert sorted((p.start, p.stop) for p in pieces)[0][0] == 0
+    covered = np.zeros(10, int)
+    for p in pieces:
+        covered[p.start:p.stop] += 1
+    assert (covered == 1).all()
+
+
+def test_epoch_covers_disjoint_bins_across_workers(bin_store):
+    st, truth = bin_store
+    table = _genome_table(st, truth)
+    cols = st.split_indices("train")
+    world, B = 3, 32
+    samplers = [TrainSampler(st, cols, 2, B, seed=4, rank=r, world_size=world,
+                             shuffle_chunks=2) for r in range(world)]
+    steps = samplers[0].steps(0)
+    assert all(s.steps(0) == steps for s in samplers)
+    seen = []
+    for s in samplers:
+        batches = list(s.batches(0))
+        assert len(batches) == steps  # every worker the same number of full batches
+        for b in batches:
+            assert b.x.shape == (B, len(cols)) and b.target.shape == (B, 2)
+            ids = b.x[:, 0].numpy().astype(np.int64)
+            # Rows are the store's values of those bins, training columns only.
+            np.testing.assert_array_equal(b.x.numpy(), table[ids][:, cols])
+            np.testing.assert_array_equal(b.y.numpy(),
+                                          np.take_along_axis(b.x.numpy(), b.target.numpy(), 1))
+            assert (b.support.sum(1) == len(cols) - 2).all()
+            seen.append(ids)
+    seen = np.concatenate(seen)
+    assert len(np.unique(seen)) == len(seen)  # no bin twice in an epoch
+    total = st.genome.total_bins
+    # The smallest share decides; at most a few batches per worker are left over.
+    assert len(seen) > total - world * (2 * 256 + B)
+    # Bins come from all chromosomes.
+    assert set(np.unique(table[seen, 1]).astype(int)) == {0, 1, 2}
+
+
+def test_held_out_tracks_are_never_read_as_training_columns(bin_store):
+    st, truth = bin_store
+    cols = st.split_indices("train")
+    held = set(st.split_indices("val", "test").tolist())
+    assert held and not held & set(cols.tolist())
+    table = _genome_table(st, truth)
+    s = TrainSampler(st, cols, 3, 64, seed=0)
+    b = next(iter(s.batches(0)))
+    ids = b.x[:, 0].numpy().astype(np.int64)
+    for h in held:  # no training column equals a held-out track
+        assert not any(np.array_equal(b.x[:, j].numpy(), table[ids, h]) for j in range(len(cols)))
+
+
+def test_batches_are_seeded_and_change_per_epoch(bin_store):
+    st, _ = bin_store
+    cols = st.split_indices("train")
+    a = TrainSampler(st, cols, 2, 16, seed=9, bins_per_epoch=200)
+    b = TrainSampler(st, cols, 2, 16, seed=9, bins_per_epoch=200)
+    ea, eb = list(a.batches(1)), list(b.batches(1))
+    assert len(ea) == 200 // 16
+    for u, v in zip(ea, eb, strict=True):
+        assert np.array_equal(u.x.numpy(), v.x.numpy())
+        assert np.array_equal(u.target.numpy(), v.target.numpy())
+    e2 = list(a.batches(2))
+    assert not np.array_equal(ea[0].x.numpy(), e2[0].x.numpy())
+    c = TrainSampler(st, cols, 2, 16, seed=10, bins_per_epoch=200)
+    assert not np.array_equal(ea[0].x.numpy(), next(iter(c.batches(1))).x.numpy())
+
+
+def test_sampler_reads_whole_chunks_at_most(bin_store, monkeypatch):
+    """Streaming: every read is one chunk (or part of one), never a chromosome."""
+    st, _ = bin_store
+    sizes = []
+    orig = st.array
+
+    class Spy:
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __getitem__(self, key):
+            out = self.arr[key]
+            sizes.append(out.shape[0])
+            return out
+
+        @property
+        def dtype(self):
+            return self.arr.dtype
+
+    monkeypatch.setattr(st, "array", lambda chrom: Spy(orig(chrom)))
+    s = TrainSampler(st, st.split_indices("train"), 2, 64, seed=1, shuffle_chunks=2)
+    n = sum(1 for _ in s.batches(0))
+    assert n > 0 and sizes and max(sizes) <= st.chunk_bins
+
+
+def test_too_small_genome_is_a_clear_error(tmp_path):
+    st, _ = make_store(str(tmp_path / "s"), chrom_bins=(40,), chunk_bins=16)
+    with pytest.raises(InputError, match="too few"):
+        TrainSampler(st, st.split_indices("train"), 2, 64, seed=0, world_size=2)
+
+
+def test_validation_plan_is_fixed_and_shared_out(bin_store):
+    st, truth = bin_store
+    table = _genome_table(st, truth)
+    plan = validation_plan(st, 300, seed=3)
+    again = validation_plan(st, 300, seed=3)
+    assert [(c, o.tolist()) for c, o in plan] == [(c, o.tolist()) for c, o in again]
+    n = sum(len(o) for _, o in plan)
+    assert n == 300
+    inputs, targets = st.split_indices("train"), st.split_indices("val")
+    xs, ys = [], []
+    for r in range(2):
+        x, y = read_validation(st, plan, inputs, targets, rank=r, world_size=2)
+        xs.append(x)
+        ys.append(y)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    assert len(x) == 300
+    ids = x[:, 0].astype(np.int64)
+    assert len(np.unique(ids)) == 300
+    np.testing.assert_array_equal(x, table[ids][:, inputs])
+    np.testing.assert_array_equal(y, table[ids][:, targets])
+    # More than the genome: all of it.
+    assert sum(len(o) for _, o in validation_plan(st, 10**6, seed=3)) == st.genome.total_bins
+
+
+def test_avg_weights_match_a_loop():
+    rng = np.random.default_rng(0)
+    ic, ia = rng.integers(0, 5, 12), rng.integers(0, 3, 12)
+    tc, ta = np.array([0, 1, 4]), np.array([2, 0, 1])
+    x = rng.random((7, 12))
+    got = x @ avg_weights(ic, ia, tc, ta)
+    for v in range(3):
+        others = [t for t in range(12) if ia[t] == ta[v] and ic[t] != tc[v]]
+        want = x[:, others].mean(axis=1) if others else np.zeros(7)
+        np.testing.assert_allclose(got[:, v], want, rtol=1e-5)

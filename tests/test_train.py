@@ -1,0 +1,399 @@
+"""Training with Ray Train: config, data plan, a full run that beats AVG and survives a
+killed worker, reproducibility, resume, fine-tuning and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from trainstore import make_store
+
+from edice_dist import checkpoint, cli
+from edice_dist.errors import InputError
+from edice_dist.store import open_store
+from edice_dist.train import (
+    FAIL_MARKER,
+    config_keys,
+    finetune,
+    load_config,
+    plan_tracks,
+    train,
+)
+
+TINY = {"embed_dim": "16", "n_heads": "2", "ffn_dim": "16", "decoder_hidden": "64",
+        "batch_size": "64", "val_bins": "1000", "workers": "1", "cpus_per_worker": "1"}
+
+
+# -- config --------------------------------------------------------------------------------
+
+def test_config_defaults_are_the_papers():
+    cfg = load_config()
+    assert (cfg.embed_dim, cfg.n_heads, cfg.ffn_dim, cfg.decoder_hidden, cfg.decoder_layers,
+            cfg.decoder_dropout, cfg.attn_dropout, cfg.n_targets, cfg.batch_size, cfg.lr,
+            cfg.epochs) == (256, 4, 128, 2048, 2, 0.3, 0.1, 120, 256, 3e-4, 50)
+    assert cfg.bins_per_epoch is None and cfg.workers is None and cfg.use_gpu is None
+    for key in ("embed_dim", "n_heads", "ffn_dim", "decoder_hidden", "decoder_layers",
+                "decoder_dropout", "attn_dropout", "n_targets", "batch_size", "lr", "epochs",
+                "bins_per_epoch", "seed", "workers", "use_gpu", "patience", "val_fraction",
+                "val_bins", "max_failures", "min_delta"):
+        assert key in config_keys()
+    assert not any(k.startswith("_") for k in config_keys())
+
+
+def test_config_file_and_overrides(tmp_path):
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"lr": 0.001, "epochs": 7, "use_gpu": False, "bins_per_epoch": None}))
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.002\nbatch_size: 64\nworkers: 2\n")
+    cfg = load_config(str(j), {"epochs": "9", "seed": "3", "use-gpu": "true"})
+    assert (cfg.lr, cfg.epochs, cfg.seed, cfg.use_gpu) == (0.001, 9, 3, True)
+    cfg = load_config(str(y), {"bins_per_epoch": "5000", "workers": "auto"})
+    assert (cfg.lr, cfg.batch_size, cfg.bins_per_epoch, cfg.workers) == (0.002, 64, 5000, None)
+    assert load_config(None, {"_fail_at_epoch": "2"})._fail_at_epoch == 2
+    # SPEC 6: --gpus and --gpus=N.
+    assert load_config(None, {"gpus": "true"}).use_gpu is True
+    g = load_config(None, {"gpus": "2"})
+    assert (g.use_gpu, g.workers) == (True, 2)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"learning_rate": "1"}, "Unknown config key 'learning_rate'.*Valid keys: embed_dim"),
+    ({"epochs": "two"}, "epochs must be an int"),
+    ({"epochs": "2.5"}, "epochs must be an int"),
+    ({"use_gpu": "maybe"}, "use_gpu must be a bool"),
+    ({"lr": "-1"}, "lr must be positive"),
+    ({"embed_dim": "30", "n_heads": "4"}, "divisible"),
+    ({"val_fraction": "0"}, "val_fraction"),
+])
+def test_bad_config_is_a_clear_error(over, match):
+    with pytest.raises(InputError, match=match):
+        load_config(None, over)
+
+
+def test_bad_config_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_config(str(bad))
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(InputError, match="mapping"):
+        load_config(str(lst))
+
+
+def test_cli_rejects_unknown_key(tmp_path, capsys):
+    rc = cli.main(["train", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "m"),
+                   "--epochz=3"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "epochz" in err and "Valid keys" in err and "bins_per_epoch" in err
+
+
+def test_worker_errors_reach_the_user():
+    from edice_dist.errors import EdiceError
+    from edice_dist.train import _training_error
+
+    class Failed(Exception):
+        pass
+
+    e = Failed("worker group failed")
+    e.worker_failures = {0: RuntimeError("boom\nlast line")}
+    err = _training_error(e, "/models/m")
+    assert isinstance(err, EdiceError) and "last line" in str(err)
+    assert "run the same command again" in str(err)
+    # An InputError raised in a worker (Ray wraps it) reaches the user as it was.
+    orig = InputError("Store S lacks chromosome chr9.")
+    wrapped = RuntimeError("RayTaskError(InputError)")
+    wrapped.cause = orig
+    e.worker_failures = {1: wrapped}
+    assert _training_error(e, "/models/m") is orig
+
+
+# -- the data plan -------------------------------------------------------------------------
+
+def test_holdout_when_the_store_has_no_val_split(tmp_path):
+    st, _ = make_store(str(tmp_path / "s"), n_cells=8, n_assays=5, chrom_bins=(600,),
+                       splits={(0, 0): "test"})
+    cfg = load_config(None, {"seed": "4"})
+    plan = plan_tracks(st, cfg)
+    train_ids = set(st.split_indices("train").tolist())
+    assert plan.val_source == "holdout"
+    assert len(plan.val) == round(0.05 * 39) == 2
+    assert set(plan.val) <= train_ids and not set(plan.val) & set(plan.inputs)
+    assert set(plan.val) | set(plan.inputs) == train_ids  # test track never used
+    assert plan_tracks(st, cfg).val == plan.val  # seeded
+    others = {tuple(plan_tracks(st, load_config(None, {"seed": str(s)})).val) for s in range(6)}
+    assert len(others) > 1
+    assert plan.n_targets == int(0.5 * 37)  # 120 capped to half the training tracks
+
+
+def test_val_split_is_used_and_at_least_one_track_held_out(tmp_path):
+    st, _ = make_store(str(tmp_path / "a"), n_cells=3, n_assays=2, chrom_bins=(300,),
+                       splits={(1, 1): "val"})
+    plan = plan_tracks(st, load_config())
+    assert plan.val_source == "split" and plan.val == st.split_indices("val").tolist()
+    st, _ = make_store(str(tmp_path / "b"), n_cells=2, n_assays=2, chrom_bins=(300,))
+    plan = plan_tracks(st, load_config())
+    assert len(plan.val) == 1 and len(plan.inputs) == 3
+
+
+def test_store_without_training_tracks_or_too_few(tmp_path):
+    st, _ = make_store(str(tmp_path / "a"), n_cells=1, n_assays=2, chrom_bins=(300,),
+                       splits={(0, 0): "val", (0, 1): "test"})
+    with pytest.raises(InputError, match="no training tracks"):
+        plan_tracks(st, load_config())
+    st, _ = make_store(str(tmp_path / "b"), n_cells=1, n_assays=2, chrom_bins=(300,))
+    with pytest.raises(InputError, match="too few to mask"):
+        plan_tracks(st, load_config())
+    with pytest.raises(InputError, match="no training tracks"):
+        train(str(tmp_path / "a"), str(tmp_path / "m"), load_config())
+    assert not os.path.exists(tmp_path / "m")
+
+
+# -- full runs -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sim_store(tmp_path_factory, ray_local):
+    """A small simulated consortium (1 Mbp, 12 cell types x 8 assays), ingested."""
+    from edice_dist.ingest import ingest
+    from edice_dist.simulate import SimConfig, simulate
+
+    root = tmp_path_factory.mktemp("sim")
+    simulate(str(root / "sim"), SimConfig.from_overrides(
+        {"chrom_sizes": "chr1:600000,chr2:400000", "zoom_levels": "0", "seed": "1"}))
+    ingest(str(root / "sim" / "manifest.tsv"), str(root / "sim" / "chrom.sizes"),
+           str(root / "store"), chunk_bins=4096)
+    return str(root / "store")
+
+
+def _numpy_val_check(store_path: str, model_dir: str) -> tuple[float, float]:
+    """(model MSE, AVG MSE) on every bin of the validation tracks, computed here: the model
+    called directly with all training tracks as supports; AVG = mean of the same assay in
+    the other cells' training tracks, in numpy."""
+    st = open_store(store_path)
+    model, meta = checkpoint.load_model(model_dir)
+    ids = st.track_ids()
+    train_cols = [ids.index(t) for t in meta["train_tracks"]]
+    val_cols = [ids.index(t) for t in meta["val_tracks"]]
+    cell_ix = {c: i for i, c in enumerate(meta["cell_keys"])}
+    assay_ix = {a: i for i, a in enumerate(meta["assays"])}
+    tc = torch.tensor([cell_ix[st.tracks[i].cell_key] for i in train_cols])
+    ta = torch.tensor([assay_ix[st.tracks[i].assay] for i in train_cols])
+    vc = torch.tensor([cell_ix[st.tracks[i].cell_key] for i in val_cols])
+    va = torch.tensor([assay_ix[st.tracks[i].assay] for i in val_cols])
+    se_model = se_avg = n = 0.0
+    for chrom in st.genome.chroms:
+        data = np.asarray(st.array(chrom)[:], dtype=np.float32)
+        x, y = data[:, train_cols], data[:, val_cols]
+        with torch.no_grad():
+            pred = model(torch.from_numpy(x), torch.ones(x.shape, dtype=torch.bool), tc, ta,
+                         vc, va).numpy()
+        avg = np.zeros_like(y)
+        for j, v in enumerate(val_cols):
+            same = [i for k, i in enumerate(train_cols)
+                    if st.tracks[i].assay == st.tracks[v].assay
+                    and st.tracks[i].cell_key != st.tracks[v].cell_key]
+            avg[:, j] = data[:, same].mean(axis=1)
+        se_model += float(((pred - y) ** 2).sum())
+        se_avg += float(((avg - y) ** 2).sum())
+        n += y.size
+    return se_model / n, se_avg / n
+
+
+def test_training_beats_avg_and_survives_a_killed_worker(sim_store, tmp_path):
+    out = str(tmp_path / "model")
+    cfg = load_config(None, {"embed_dim": "32", "ffn_dim": "32", "decoder_hidden": "128",
+                             "lr": "3e-3", "epochs": "3", "bins_per_epoch": "12000",
+                             "batch_size": "64", "val_bins": "3000", "workers": "2",
+                             "seed": "0", "_fail_at_epoch": "2", "max_failures": "2"})
+    res = train(sim_store, out, cfg)
+    assert res["status"] == "trained"
+    # The hook fired: one worker exited at epoch 2, Ray Train restarted from epoch 1.
+    assert "epoch 2" in open(os.path.join(out, FAIL_MARKER)).read()
+    model, meta = checkpoint.load_model(out)
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    # ... and the restarted workers continued from the epoch-1 checkpoint.
+    assert meta["restores"] == [{"from_epoch": 1, "why": "worker failure"}]
+    assert meta["val_source"] == "holdout" and len(meta["val_tracks"]) >= 1
+    assert not set(meta["val_tracks"]) & set(meta["train_tracks"])
+    st = open_store(sim_store)
+    assert meta["cell_keys"] == st.cell_keys and meta["assays"] == st.assays
+    assert meta["transform"] == st.transform == "arcsinh"
+    assert meta["train_config"]["workers"] == 2 and "_fail_at_epoch" not in meta["train_config"]
+    # model.pt is the best-validation epoch.
+    best = min(meta["history"], key=lambda h: h["val_mse"])
+    assert meta["epoch"] == best["epoch"] and meta["best_val_mse"] == best["val_mse"]
+    lines = open(os.path.join(out, "history.tsv")).read().splitlines()
+    assert lines[0].split("\t")[:4] == ["epoch", "train_loss", "val_mse", "val_pearson"]
+    assert len(lines) == 4
+    # Independent check: the model beats AVG on every bin of the held-out tracks.
+    mse_model, mse_avg = _numpy_val_check(sim_store, out)
+    assert mse_model < 0.85 * mse_avg, (mse_model, mse_avg)
+    # The AVG reported in the epoch log agrees in kind (a subset of bins).
+    assert meta["val_avg_mse"] == pytest.approx(mse_avg, rel=0.3)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("small") / "store")
+    make_store(path, n_cells=6, n_assays=4, chrom_bins=(1500, 900), chunk_bins=256,
+               splits={(0, 1): "val", (3, 2): "val", (5, 3): "test"}, missing=((2, 2),))
+    return path
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _epoch_state(out, epoch):
+    for run in sorted(os.listdir(os.path.join(out, "ray")), reverse=True):
+        p = os.path.join(out, "ray", run, f"epoch_{epoch:04d}", "state.pt")
+        if os.path.exists(p):
+            return _state(p)["model"]
+    raise AssertionError(f"no checkpoint of epoch {epoch} in {out}")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(small_store, ray_local, tmp_path_factory):
+    """Run A: 2 epochs, then --resume to 3. Run B: 3 epochs at once. Same seed."""
+    root = tmp_path_factory.mktemp("runs")
+    a, b = str(root / "a"), str(root / "b")
+    base = {**TINY, "seed": "5", "bins_per_epoch": "1024", "patience": "3"}
+    first = train(small_store, a, load_config(None, {**base, "epochs": "2"}))
+    more = train(small_store, a, load_config(None, {**base, "epochs": "3"}), resume=True)
+    full = train(small_store, b, load_config(None, {**base, "epochs": "3"}))
+    return {"a": a, "b": b, "base": base, "first": first, "more": more, "full": full}
+
+
+def test_same_seed_gives_the_same_model_and_resume_continues_exactly(seeded_runs):
+    a, b = seeded_runs["a"], seeded_runs["b"]
+    assert seeded_runs["first"]["epochs_run"] == 2 and seeded_runs["more"]["epochs_run"] == 3
+    # 2 epochs + resume for 1 more == 3 epochs at once, bit for bit (CPU, one worker).
+    assert _same(_epoch_state(a, 3), _epoch_state(b, 3))
+    ma, mb = _state(os.path.join(a, "model.pt")), _state(os.path.join(b, "model.pt"))
+    assert _same(ma["state_dict"], mb["state_dict"])
+    ha, hb = ma["meta"]["history"], mb["meta"]["history"]
+    assert [(h["epoch"], h["train_loss"], h["val_mse"]) for h in ha] == \
+        [(h["epoch"], h["train_loss"], h["val_mse"]) for h in hb]
+    assert len(ha) == 3
+    assert ma["meta"]["restores"] == [{"from_epoch": 2, "why": "resume"}]
+    assert mb["meta"]["restores"] == []
+    runs = sorted(os.listdir(os.path.join(a, "ray")))
+    assert runs == ["run-001", "run-002"]
+
+
+def test_finished_run_is_not_redone_and_other_configs_are_refused(seeded_runs, small_store):
+    b, base = seeded_runs["b"], seeded_runs["base"]
+    before = os.stat(os.path.join(b, "model.pt")).st_mtime_ns
+    res = train(small_store, b, load_config(None, {**base, "epochs": "3"}))
+    assert res["status"] == "done"
+    res = train(small_store, b, load_config(None, {**base, "epochs": "2"}), resume=True)
+    assert res["status"] == "done"
+    with pytest.raises(InputError, match=r"lr 0.0003 -> 0.001.*new --out"):
+        train(small_store, b, load_config(None, {**base, "epochs": "3", "lr": "1e-3"}))
+    assert os.stat(os.path.join(b, "model.pt")).st_mtime_ns == before
+
+
+def test_partial_checkpoint_is_a_clear_error(seeded_runs, small_store, tmp_path):
+    c = str(tmp_path / "c")
+    shutil.copytree(seeded_runs["b"], c)
+    rec = json.loads(open(os.path.join(c, "train.json")).read())
+    rec["status"] = "running"  # as if the driver had been killed
+    open(os.path.join(c, "train.json"), "w").write(json.dumps(rec))
+    latest = max((os.path.join(c, "ray", r, e) for r in os.listdir(os.path.join(c, "ray"))
+                  for e in os.listdir(os.path.join(c, "ray", r)) if e.startswith("epoch_")),
+                 key=lambda p: p[-4:])
+    with open(os.path.join(latest, "state.pt"), "r+b") as f:
+        f.truncate(1000)
+    before = open(os.path.join(c, "model.pt"), "rb").read()
+    with pytest.raises(InputError, match=r"unreadable or partial.*Delete the folder"):
+        train(small_store, c, load_config(None, {**seeded_runs["base"], "epochs": "3"}))
+    assert open(os.path.join(c, "model.pt"), "rb").read() == before
+
+
+# -- fine-tuning -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def new_store(tmp_path_factory):
+    """The same kind of data with one more cell type and one more assay."""
+    path = str(tmp_path_factory.mktemp("new") / "store")
+    make_store(path, n_cells=7, n_assays=5, chrom_bins=(1200,), chunk_bins=256, seed=3,
+               cell_names=[f"C{i:02d}" for i in range(6)] + ["NEWCELL"],
+               assay_names=["A0", "A1", "A2", "A3", "ANEW"], splits={(6, 0): "val"})
+    return path
+
+
+def test_finetune_trains_what_spec_2_7_says(seeded_runs, new_store, tmp_path):
+    base_dir = seeded_runs["b"]
+    base, bmeta = checkpoint.load_model(base_dir)
+    out = str(tmp_path / "ft")
+    res = finetune(base_dir, new_store, out, overrides={"epochs": "2", "workers": "1",
+                                                        "cpus_per_worker": "1",
+                                                        "bins_per_epoch": "1024",
+                                                        "batch_size": "64"})
+    assert res["status"] == "trained"
+    ft, meta = checkpoint.load_model(out)
+    assert meta["cell_keys"] == bmeta["cell_keys"] + ["NEWCELL"]
+    assert meta["assays"] == bmeta["assays"] + ["ANEW"]
+    assert meta["parent_model"] == base_dir and meta["train_config"]["lr"] == 1e-4
+    nb, na = base.cfg.n_cells, base.cfg.n_assays
+    old, new = base.state_dict(), ft.state_dict()
+    # Frozen: attention blocks and the old global embedding rows.
+    for k in old:
+        if k.startswith(("cell_context", "assay_context")):
+            assert torch.equal(old[k], new[k]), k
+    assert torch.equal(new["cell_embed.table.weight"][:nb], old["cell_embed.table.weight"])
+    assert torch.equal(new["assay_embed.table.weight"][:na], old["assay_embed.table.weight"])
+    # Trained: the new rows, the signal embedders and the decoder.
+    start = old["cell_embed.table.weight"].mean(0)
+    assert not torch.allclose(new["cell_embed.table.weight"][nb], start)
+    assert not torch.equal(new["decoder.1.weight"], old["decoder.1.weight"])
+    assert not torch.equal(new["cell_embed.linear.weight"][:, :na], old["cell_embed.linear.weight"])
+
+
+def test_finetune_bad_input(seeded_runs, new_store, small_store, tmp_path):
+    base_dir = seeded_runs["b"]
+    out = str(tmp_path / "ft")
+    with pytest.raises(InputError, match="base model's folder"):
+        finetune(base_dir, new_store, base_dir)
+    with pytest.raises(InputError, match="keeps the architecture.*embed_dim"):
+        finetune(base_dir, new_store, out, overrides={"embed_dim": "32"})
+    # A store of another transform.
+    other = str(tmp_path / "other")
+    make_store(other, n_cells=3, n_assays=2, chrom_bins=(300,), assay_names=["A0", "A1"])
+    import zarr
+
+    from edice_dist import storage
+    zarr.open_group(storage.zarr_store(other), mode="r+").attrs["transform"] = "none"
+    with pytest.raises(InputError, match="holds none values.*arcsinh"):
+        finetune(base_dir, other, out)
+    # No assay in common.
+    alien = str(tmp_path / "alien")
+    make_store(alien, n_cells=3, n_assays=2, chrom_bins=(300,), assay_names=["X1", "X2"])
+    with pytest.raises(InputError, match="shares no assay"):
+        finetune(base_dir, alien, out)
+    # A partial base model.
+    broken = str(tmp_path / "broken")
+    os.makedirs(broken)
+    data = open(os.path.join(base_dir, "model.pt"), "rb").read()
+    open(os.path.join(broken, "model.pt"), "wb").write(data[: len(data) // 2])
+    with pytest.raises(InputError, match="unreadable or partial"):
+        finetune(broken, new_store, out)
+    assert not os.path.exists(out)
+
+
+def test_gpu_requested_without_gpu_is_refused(small_store, ray_local, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(InputError, match="no GPU"):
+        train(small_store, str(tmp_path / "m"), load_config(None, {**TINY, "use_gpu": "true"}))
