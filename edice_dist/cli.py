@@ -73,7 +73,7 @@ def cmd_impute(a, extra):
 
     impute(a.store, a.model, a.out, targets=a.targets, chroms=a.chroms, force=a.force,
            workers=a.workers, gpus=a.gpus, space=a.space, export=not a.no_export,
-           batch_bins=a.batch_bins)
+           batch_bins=a.batch_bins, dtype=a.dtype)
 
 
 def cmd_export(a, extra):
@@ -91,7 +91,15 @@ def cmd_evaluate(a, extra):
 def cmd_benchmark_quality(a, extra):
     from .pipeline import run_pipeline
 
-    run_pipeline(a.out_dir, seed=a.seed, overrides=_overrides(extra))
+    run_pipeline(a.out_dir, seed=a.seed, overrides=_overrides(extra),
+                 demo_model=not a.paper_model)
+
+
+def cmd_pipeline(a, extra):
+    from .pipeline import run_pipeline
+
+    run_pipeline(a.out, seed=a.seed, overrides=_overrides(extra), manifest=a.manifest,
+                 chrom_sizes=a.chrom_sizes, truth=a.truth, demo_model=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="number of imputation actors")
     s.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all Ray has)")
     s.add_argument("--batch-bins", type=int, default=None)
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype (default: bfloat16 where the device multiplies it fast)")
     s.add_argument("--space", choices=["pval", "arcsinh"], default="pval")
     s.add_argument("--no-export", action="store_true", help="skip the bigWig export")
     s.set_defaults(func=cmd_impute)
@@ -174,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="simulate, train, impute held-out tracks and evaluate them")
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--paper-model", action="store_true",
+                   help="train the paper's full-size model instead of the laptop demo size")
     s.set_defaults(func=cmd_benchmark_quality, extras=True)
+
+    s = sub.add_parser("pipeline", help="ingest, train, impute and export a manifest in one go",
+                       epilog="Stage options: --train.KEY=VALUE, --impute.KEY=VALUE.")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--chrom-sizes", required=True)
+    s.add_argument("--out", required=True, help="folder for store/, model/, run/")
+    s.add_argument("--truth", help="truth manifest to evaluate against at the end")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_pipeline, extras=True)
     return p
 
 

@@ -593,6 +593,7 @@ def evaluate(
     dict
         ``rows`` (per track and method), ``summary``, ``out`` and the written ``files``.
     """
+    truth, imputed, store, out = map(storage.absolute, (truth, imputed, store, out))
     t0 = time.monotonic()
     if space not in SPACES:
         raise InputError(f"--space must be arcsinh or pval, got {space!r}.")

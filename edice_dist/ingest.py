@@ -241,6 +241,7 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
     str
         ``out``.
     """
+    manifest, chrom_sizes, out = map(storage.absolute, (manifest, chrom_sizes, out))
     import ray
 
     from . import raycluster

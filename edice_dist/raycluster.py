@@ -20,7 +20,11 @@ def init(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    kwargs = dict(address="local", include_dashboard=False, log_to_driver=True,
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls
+    # (without it, every poll logs a warning); it listens on 127.0.0.1 only.
+    dashboard = os.environ.get("EDICE_RAY_DASHBOARD", "1") != "0"
+    kwargs = dict(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                  log_to_driver=True,
                   object_store_memory=int(os.environ.get("EDICE_OBJECT_STORE_BYTES", 256 * 2**20)))
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus

@@ -50,6 +50,14 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, inner
 
 
+def absolute(path: str | None) -> str | None:
+    """URLs as they are, local paths made absolute: Ray workers and actors may run in
+    another working directory than the command that started them."""
+    if path is None or is_url(path):
+        return path
+    return os.path.abspath(_strip_file(str(path)))
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts with ``/`` for URLs and ``os.path.join`` for local paths."""
     if is_url(base):

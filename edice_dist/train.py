@@ -484,6 +484,7 @@ def train(store: str, out: str, cfg: TrainConfig, resume: bool = False) -> dict:
     dict
         ``model_dir``, ``best_epoch``, ``best_val_mse``, ``epochs_run``, ``status``.
     """
+    store, out = map(storage.absolute, (store, out))
     cfg.validate()
     st = open_store(store)
     plan = plan_tracks(st, cfg)
@@ -512,6 +513,7 @@ def finetune(model_dir: str, store: str, out: str, config_file: str | None = Non
     -------
     dict, as :func:`train`.
     """
+    model_dir, store, out = map(storage.absolute, (model_dir, store, out))
     if storage.filesystem(out)[1].rstrip("/") == storage.filesystem(model_dir)[1].rstrip("/"):
         raise InputError(f"--out {out} is the base model's folder; write the fine-tuned model "
                          "to a new folder so that the base model stays as it is.")

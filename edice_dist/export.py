@@ -1,0 +1,239 @@
+"""The reducer: an imputation run's output store -> one bigWig per target.
+
+```
+RUN_DIR/bigwig/
+  <cell_key>-<assay>.bigWig   every chromosome of the run in chrom.sizes order, fixed
+                              25 bp steps, the last bin clipped to the chromosome's end
+  manifest.tsv                cell_type, assay, individual, path (relative to this folder)
+  export.json                 the value space the files are in
+```
+
+One Ray task per target streams that target's row chunk by chunk (one inner chunk of
+the output store per read), so a task's memory does not grow with the genome. Each file
+is written aside (``.<name>.tmp``) and renamed when complete; for URL run folders it is
+written locally and uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from . import storage
+from .errors import EdiceError, InputError
+from .progress import Progress, log
+
+SPACES = ("pval", "arcsinh")
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def to_space(values: np.ndarray, space: str) -> np.ndarray:
+    """Model outputs (arcsinh(-log10 p)) -> bigWig values.
+
+    ``pval``: sinh, negatives clipped to 0 (SPEC section 3); ``arcsinh``: unchanged.
+    Returns float64 (what pyBigWig takes).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if space == "arcsinh":
+        return v
+    if space == "pval":
+        return np.maximum(np.sinh(v), 0.0)
+    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+
+
+def bigwig_name(record: dict) -> str:
+    return f"{record['track_id']}.bigWig"
+
+
+def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
+    """Write target ``k`` of the output store ``out_zarr`` as a bigWig at ``dest``.
+
+    Reads the target's row one stored chunk at a time per chromosome. ``dest`` appears
+    only when the file is complete.
+
+    Returns
+    -------
+    int
+        Bins written.
+
+    Raises
+    ------
+    EdiceError
+        A value is not finite (an uncomputed chunk, or an overflow in -log10 p space);
+        the message names the target, chromosome and bins.
+    """
+    import pyBigWig
+    import zarr
+
+    root = zarr.open_group(storage.zarr_store(out_zarr, read_only=True), mode="r")
+    attrs = dict(root.attrs)
+    rec = attrs["targets"][k]
+    bin_size = int(attrs["bin_size"])
+    chroms = attrs["chroms"]
+    step = int(attrs["chunk_bins"])
+    name = bigwig_name(rec)
+    if storage.is_url(dest):
+        tmpdir = tempfile.mkdtemp(prefix="edice-export-")
+        tmp = os.path.join(tmpdir, name)
+    else:
+        tmpdir = None
+        dest = os.path.abspath(dest)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(dest), f".{name}.tmp")
+    bw = pyBigWig.open(tmp, "w")
+    if bw is None:
+        raise EdiceError(f"Cannot create {tmp} for writing (is the folder writable?).")
+    n_written = 0
+    try:
+        # The header must come before any entry (pyBigWig crashes otherwise).
+        bw.addHeader([(c["name"], int(c["size"])) for c in chroms])
+        for c in chroms:
+            arr = root[c["array"]]
+            size, nb = int(c["size"]), int(c["n_bins"])
+            if arr.shape != (len(attrs["targets"]), nb):
+                raise EdiceError(f"{out_zarr}/{c['array']} has shape {arr.shape}, expected "
+                                 f"({len(attrs['targets'])}, {nb}): the output store is damaged.")
+            for start in range(0, nb, step):
+                stop = min(start + step, nb)
+                vals = to_space(arr[k, start:stop], space)
+                bad = ~np.isfinite(vals)
+                if bad.any():
+                    first = start + int(np.argmax(bad))
+                    raise EdiceError(
+                        f"Target {rec['track_id']} has {int(bad.sum())} non-finite values on "
+                        f"{c['name']} (first at bin {first}, {first * bin_size} bp) in {out_zarr}. "
+                        "NaN marks a chunk that was never computed: re-run `edice impute` with "
+                        "--force to recompute the run."
+                    )
+                last_partial = stop == nb and size % bin_size != 0
+                full = vals[:-1] if last_partial else vals
+                if len(full):
+                    bw.addEntries(c["name"], start * bin_size, values=full, span=bin_size,
+                                  step=bin_size)
+                if last_partial:
+                    # The last bin ends at the chromosome's end (pyBigWig would accept an
+                    # interval past it and write a file other tools reject).
+                    s0 = (nb - 1) * bin_size
+                    bw.addEntries(c["name"], s0, values=vals[-1:], span=size - s0, step=size - s0)
+                n_written += stop - start
+        bw.close()
+        bw = None
+        if tmpdir is None:
+            os.replace(tmp, dest)
+        else:
+            storage.upload(tmp, dest)
+    finally:
+        if bw is not None:
+            bw.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if tmpdir is not None:
+            os.rmdir(tmpdir)
+    return n_written
+
+
+def _manifest(records: list[dict]) -> str:
+    lines = ["cell_type\tassay\tindividual\tpath"]
+    for r in records:
+        lines.append(f"{r['cell_type']}\t{r['assay']}\t{r['individual']}\t{bigwig_name(r)}")
+    return "\n".join(lines) + "\n"
+
+
+def export(run_dir: str, space: str = "pval", force: bool = False,
+           workers: int | None = None) -> dict:
+    """``edice export RUN_DIR``: one bigWig per target of a finished imputation run.
+
+    Parameters
+    ----------
+    run_dir : the run folder of ``edice impute``.
+    space : ``pval`` (-log10 p; default) or ``arcsinh``.
+    force : rewrite bigWigs that exist (needed to change ``space``).
+    workers : concurrent tasks (default: as many as Ray has CPUs).
+
+    Returns
+    -------
+    dict
+        ``files`` (written now), ``skipped``, ``bins`` (per file), ``seconds``,
+        ``bins_per_s`` (target-bins written per second), ``manifest``.
+    """
+    import ray
+
+    from . import raycluster
+    from ._partial import partial_path
+    from .impute import OUTPUT_NAME
+
+    if space not in SPACES:
+        raise InputError(f"--space must be one of {', '.join(SPACES)}, got {space!r}.")
+    out_zarr = storage.join(run_dir, OUTPUT_NAME)
+    if not storage.exists(storage.join(out_zarr, "zarr.json")):
+        if storage.exists(storage.join(run_dir, partial_path(OUTPUT_NAME))):
+            raise EdiceError(
+                f"The imputation in {run_dir} is not finished ({partial_path(OUTPUT_NAME)} "
+                "exists). Run the same `edice impute` command again to complete it; it exports "
+                "at the end."
+            )
+        raise InputError(f"{run_dir} holds no imputation output ({out_zarr} is missing). "
+                         "Run `edice impute --out RUN_DIR` first.")
+    import zarr
+
+    attrs = dict(zarr.open_group(storage.zarr_store(out_zarr, read_only=True), mode="r").attrs)
+    records = attrs["targets"]
+    bins = sum(int(c["n_bins"]) for c in attrs["chroms"])
+    bw_dir = storage.join(run_dir, "bigwig")
+    storage.makedirs(bw_dir)
+    info_path = storage.join(bw_dir, "export.json")
+    names = set(storage.list_dir(bw_dir))
+    if storage.exists(info_path) and not force:
+        before = json.loads(storage.read_text(info_path)).get("space")
+        if before != space and any(bigwig_name(r) in names for r in records):
+            raise InputError(
+                f"The bigWigs in {bw_dir} hold {before} values; rewrite them as {space} with "
+                f"`edice export {run_dir} --space {space} --force`."
+            )
+    if force:  # so that an interrupted forced export never leaves files of two spaces
+        for r in records:
+            if bigwig_name(r) in names:
+                storage.remove(storage.join(bw_dir, bigwig_name(r)))
+        names = set()
+    storage.write_text_atomic(info_path, json.dumps({"space": space, "run": run_dir}) + "\n")
+    todo = [k for k, r in enumerate(records) if bigwig_name(r) not in names]
+    t0 = time.monotonic()
+    if todo:
+        raycluster.init()
+        n = workers or raycluster.cpu_slots()
+        task = ray.remote(write_bigwig).options(num_cpus=1, max_retries=2)
+        log(f"export: {len(todo)} bigWig(s) ({len(records) - len(todo)} exist) in {space} space, "
+            f"{bins:,} bins each, {n} at a time -> {bw_dir}")
+        prog = Progress(len(todo), "exporting", unit="bigWigs")
+        queue = list(todo)
+        running: dict = {}
+        try:
+            while queue or running:
+                while queue and len(running) < n:
+                    k = queue.pop(0)
+                    dest = storage.join(bw_dir, bigwig_name(records[k]))
+                    running[task.remote(out_zarr, k, dest, space)] = k
+                ready, _ = ray.wait(list(running), num_returns=1)
+                running.pop(ready[0])
+                try:
+                    ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, EdiceError):
+                        raise e.cause from None
+                    raise
+                prog.update()
+        finally:
+            for ref in running:
+                ray.cancel(ref, force=True)
+    secs = time.monotonic() - t0
+    storage.write_text_atomic(storage.join(bw_dir, "manifest.tsv"), _manifest(records))
+    rate = len(todo) * bins / secs if todo and secs > 0 else 0.0
+    if todo:
+        log(f"exported {len(todo)} bigWig(s) x {bins:,} bins in {secs:.1f} s: "
+            f"{rate:,.0f} bins/s; manifest {storage.join(bw_dir, 'manifest.tsv')}")
+    return {"files": len(todo), "skipped": len(records) - len(todo), "bins": bins,
+            "seconds": secs, "bins_per_s": rate, "manifest": storage.join(bw_dir, "manifest.tsv")}

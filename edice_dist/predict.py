@@ -1,0 +1,308 @@
+"""A trained model on one chunk of bins on one device: the fast inference path.
+
+Per batch of bins the attention runs once for all targets (only the target cells and
+assays are queries), the decoder's first layer is applied once per cell and once per
+assay (``W1c c + W1a a``, SPEC section 5), and the remaining decoder layers run as large
+matrix products over every (bin, target) row. On a GPU, and on CPUs with native bf16
+(AVX-512 BF16 / AMX), the decoder runs in bfloat16 with float32 accumulation; the
+attention, the first-layer halves and the output layer stay in float32.
+
+Pure: no Ray, no storage. :mod:`edice_dist.impute` drives it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import EDICE, decoder_macs, first_layer_macs
+
+# Decoder rows (bins x targets) per matrix product. Large enough that the products run
+# near the device's matmul peak, small enough that the activations stay in cache-sized
+# blocks on a CPU (measured in benchmarks/bench_impute.py).
+ROWS_CPU = 8192
+ROWS_CUDA = 65536
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as given, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX).
+
+    Without them torch emulates bf16 and is slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The decoder's compute dtype: ``dtype`` as given (``"float32"``, ``"bfloat16"``),
+    else bf16 on CUDA and on CPUs with native bf16, float32 otherwise.
+
+    ``EDICE_PREDICT_DTYPE`` overrides the default (not an explicit ``dtype``).
+    """
+    if dtype is None:
+        dtype = os.environ.get("EDICE_PREDICT_DTYPE") or None
+    if dtype is None:
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    else:
+        names = {"float32": torch.float32, "fp32": torch.float32,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if str(dtype) not in names:
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        out = names[str(dtype)]
+    if out not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {out}")
+    return out
+
+
+def _decode(pc, pa, pos_c, pos_a, hidden, w_out, b_out):
+    """The decoder from the first-layer halves.
+
+    pc : (Qc, B, H), pa : (Qa, B, H) in the compute dtype; pos_c, pos_a : (k,) long.
+    Returns (k, B) float32.
+    """
+    z = (pc[pos_c] + pa[pos_a]).relu_().flatten(0, 1)
+    for w, b in hidden:
+        z = F.linear(z, w, b).relu_()
+    # The output layer in float32: one value per row, so it costs little and keeps bf16
+    # rounding out of the final value.
+    return F.linear(z.float(), w_out, b_out).view(pos_c.shape[0], -1)
+
+
+@dataclass
+class Predictor:
+    """A model ready for fast inference on one device.
+
+    Attributes
+    ----------
+    model : EDICE
+        In eval mode, float32, on ``device``.
+    device : torch.device
+    dtype : torch.dtype
+        Compute dtype of the decoder's hidden layers.
+    hidden : list of (weight, bias)
+        Decoder layers after the first, cast to ``dtype`` once.
+    compiled : bool
+        Whether the decoder runs through ``torch.compile`` (one fused pass for the
+        gather + add + ReLU of the first layer; falls back to eager on any failure).
+    """
+
+    model: EDICE
+    device: torch.device
+    dtype: torch.dtype
+    hidden: list[tuple[torch.Tensor, torch.Tensor]]
+    compiled: bool = False
+    _fn: object = None
+
+    @property
+    def rows(self) -> int:
+        return ROWS_CUDA if self.device.type == "cuda" else ROWS_CPU
+
+    def decode(self, pc, pa, pos_c, pos_a):
+        w_out = self.model.output.weight.detach().float()
+        b_out = self.model.output.bias.detach().float()
+        if self.compiled:
+            if self._fn is None:
+                self._fn = torch.compile(_decode, dynamic=False)
+            try:
+                return self._fn(pc, pa, pos_c, pos_a, self.hidden, w_out, b_out)
+            except Exception as e:  # noqa: BLE001 - a missing compiler must not stop a run
+                import warnings
+
+                warnings.warn(f"torch.compile of the decoder failed ({type(e).__name__}: {e}); "
+                              "running eager", stacklevel=2)
+                self.compiled = False
+        return _decode(pc, pa, pos_c, pos_a, self.hidden, w_out, b_out)
+
+
+def _want_compile(model: EDICE, device: torch.device, dtype: torch.dtype, compile) -> bool:
+    if compile is None:
+        env = os.environ.get("EDICE_COMPILE", "")
+        if env:
+            return env not in ("0", "false", "no")
+        # On a CPU with native bf16 the matrix products are so fast that the unfused
+        # element-wise first layer costs as much as they do; small models are not worth
+        # the compile time (benchmarks/bench_impute.py).
+        return (device.type == "cpu" and dtype == torch.bfloat16
+                and model.cfg.decoder_hidden >= 1024)
+    return bool(compile)
+
+
+def prepare(model: EDICE | Predictor, device=None, dtype=None, compile: bool | None = None) -> Predictor:
+    """Move ``model`` to ``device`` in eval mode and cast the decoder once.
+
+    ``compile`` None: ``EDICE_COMPILE`` (0/1) when set, else on for CPU + bf16 + decoders of
+    width >= 1024. A :class:`Predictor` passes through unchanged when ``device``, ``dtype``
+    and ``compile`` are None or agree with it.
+    """
+    if isinstance(model, Predictor):
+        same_dev = device is None or torch.device(device) == model.device
+        same_dt = dtype is None or resolve_dtype(model.device, dtype) == model.dtype
+        same_c = compile is None or bool(compile) == model.compiled
+        if same_dev and same_dt and same_c:
+            return model
+        model = model.model
+    dev = resolve_device(device)
+    dt = resolve_dtype(dev, dtype)
+    model = model.to(dev).eval()
+    hidden = [(layer.weight.detach().to(dt), layer.bias.detach().to(dt)) for layer in model.decoder[1:]]
+    return Predictor(model, dev, dt, hidden, _want_compile(model, dev, dt, compile))
+
+
+def _check_index(name: str, idx: np.ndarray, n: int, what: str) -> None:
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"{name} holds {what} indices outside 0..{n - 1}")
+
+
+def plan_batches(n_targets: int, rows: int, batch_bins: int | None = None) -> tuple[int, int]:
+    """(bins per batch, targets per block) so that a block has about ``rows`` decoder rows;
+    the blocks split the targets evenly (every block is padded to the same size)."""
+    if batch_bins is None:
+        batch_bins = max(8, rows // n_targets)
+    if batch_bins <= 0:
+        raise ValueError("batch_bins must be positive")
+    k_max = max(1, rows // batch_bins)
+    n_blocks = -(-n_targets // k_max)
+    return batch_bins, -(-n_targets // n_blocks)
+
+
+def predict_chunk(
+    model: EDICE | Predictor,
+    x: np.ndarray,
+    support_cols,
+    track_cells,
+    track_assays,
+    target_cells,
+    target_assays,
+    batch_bins: int | None = None,
+    device=None,
+    dtype=None,
+) -> np.ndarray:
+    """Predict every target at every bin of a chunk.
+
+    Parameters
+    ----------
+    model : EDICE or Predictor
+        A trained model (see :func:`prepare`; an EDICE is prepared on each call).
+    x : np.ndarray, shape (n_bins, T)
+        Observed values of the chunk's T store columns, arcsinh(-log10 p). Non-finite
+        values count as 0 (missing data, SPEC section 3).
+    support_cols : array-like of int, shape (S,)
+        Columns of ``x`` used as supports at every bin (S >= 1).
+    track_cells, track_assays : array-like of int, shape (T,)
+        Vocabulary index of each column's cell and assay (only the support columns' are
+        read; others may be -1).
+    target_cells, target_assays : array-like of int, shape (K,)
+        Vocabulary indices of the targets.
+    batch_bins : int, optional
+        Bins per forward batch; by default enough that each decoder product has about
+        ``ROWS_CPU`` (CPU) or ``ROWS_CUDA`` (GPU) rows of (bin, target).
+    device, dtype :
+        See :func:`resolve_device` and :func:`resolve_dtype`.
+
+    Returns
+    -------
+    np.ndarray, shape (K, n_bins), float32
+        Predictions in arcsinh space; equal to ``model(x, ...)`` in float32.
+    """
+    pred = prepare(model, device, dtype)
+    m, dev, cfg = pred.model, pred.device, pred.model.cfg
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be (n_bins, T), got shape {x.shape}")
+    n_bins, T = x.shape
+    support_cols = np.asarray(support_cols, dtype=np.int64).reshape(-1)
+    track_cells = np.asarray(track_cells, dtype=np.int64).reshape(-1)
+    track_assays = np.asarray(track_assays, dtype=np.int64).reshape(-1)
+    target_cells = np.asarray(target_cells, dtype=np.int64).reshape(-1)
+    target_assays = np.asarray(target_assays, dtype=np.int64).reshape(-1)
+    if support_cols.size == 0:
+        raise ValueError("support_cols is empty: at least one observed track is needed")
+    if len(track_cells) != T or len(track_assays) != T:
+        raise ValueError(f"track_cells and track_assays must have x's {T} columns, got "
+                         f"{len(track_cells)} and {len(track_assays)}")
+    if len(target_cells) != len(target_assays) or len(target_cells) == 0:
+        raise ValueError("target_cells and target_assays must be non-empty and of equal length")
+    _check_index("support_cols", support_cols, T, "column")
+    _check_index("track_cells[support_cols]", track_cells[support_cols], cfg.n_cells, "cell")
+    _check_index("track_assays[support_cols]", track_assays[support_cols], cfg.n_assays, "assay")
+    _check_index("target_cells", target_cells, cfg.n_cells, "cell")
+    _check_index("target_assays", target_assays, cfg.n_assays, "assay")
+    K = len(target_cells)
+    batch_bins, k_block = plan_batches(K, pred.rows, batch_bins)
+    if not pred.compiled:  # padding only buys static shapes for the compiler
+        batch_bins = min(batch_bins, max(n_bins, 1))
+
+    xs = np.nan_to_num(x[:, support_cols].astype(np.float32, copy=False), nan=0.0,
+                       posinf=0.0, neginf=0.0)
+    n_pad = -n_bins % batch_bins if pred.compiled else 0
+    if n_pad:  # zero bins to fill the last batch; computed and dropped
+        xs = np.concatenate([xs, np.zeros((n_pad, xs.shape[1]), np.float32)])
+    xs = torch.from_numpy(np.ascontiguousarray(xs))
+    tc = torch.as_tensor(track_cells[support_cols], device=dev)
+    ta = torch.as_tensor(track_assays[support_cols], device=dev)
+    q_cells, pos_c = np.unique(target_cells, return_inverse=True)
+    q_assays, pos_a = np.unique(target_assays, return_inverse=True)
+    k_pad = -K % k_block
+    if k_pad:  # repeat the first target to fill the last block; computed and dropped
+        pos_c = np.concatenate([pos_c, np.full(k_pad, pos_c[0])])
+        pos_a = np.concatenate([pos_a, np.full(k_pad, pos_a[0])])
+    q_cells, q_assays = torch.as_tensor(q_cells, device=dev), torch.as_tensor(q_assays, device=dev)
+    pos_c, pos_a = torch.as_tensor(pos_c, device=dev), torch.as_tensor(pos_a, device=dev)
+
+    out = np.empty((K, n_bins), dtype=np.float32)
+    with torch.inference_mode():
+        for b0 in range(0, n_bins, batch_bins):
+            b1 = min(b0 + batch_bins, n_bins)
+            xb = xs[b0:b0 + batch_bins].to(dev, non_blocking=True)
+            sup = torch.ones(xb.shape, dtype=torch.bool, device=dev)
+            c_ctx, a_ctx = m.contextualise(xb, sup, tc, ta, q_cells, q_assays)
+            pc, pa = m.first_layer_halves(c_ctx, a_ctx)
+            # Node-major (Q, B, H): a block's rows are then (target, bin), the output's order.
+            pc = pc.transpose(0, 1).to(pred.dtype).contiguous()
+            pa = pa.transpose(0, 1).to(pred.dtype).contiguous()
+            for k0 in range(0, K, k_block):
+                k1 = min(k0 + k_block, K)
+                y = pred.decode(pc, pa, pos_c[k0:k0 + k_block], pos_a[k0:k0 + k_block])
+                out[k0:k1, b0:b1] = y[: k1 - k0, : b1 - b0].cpu().numpy()
+    return out
+
+
+def flops_per_bin(model: EDICE, n_targets: int, n_query_cells: int, n_query_assays: int) -> float:
+    """Floating-point operations (2 per multiply-add) of :func:`predict_chunk` per bin.
+
+    Counts the decoder (per target), the first-layer halves (per queried node) and the
+    embedding + attention + feed-forward of both sides (per node and query).
+    """
+    cfg = model.cfg
+    d, f = cfg.embed_dim, cfg.ffn_dim
+    nc, na = cfg.n_cells, cfg.n_assays
+    embed = 2 * nc * na * d  # both sides' signal embedders
+    kv = (nc + na) * 2 * d * d  # key and value projections of every node
+    per_query = 2 * d * d + 2 * d * f  # query and output projections, feed-forward
+    attn = (embed + kv + n_query_cells * (per_query + 2 * nc * d)
+            + n_query_assays * (per_query + 2 * na * d))
+    first = (n_query_cells + n_query_assays) * first_layer_macs(cfg)
+    dec = n_targets * decoder_macs(cfg)  # hidden layers after the first, and the output
+    return 2.0 * (attn + first + dec)
