@@ -19,13 +19,13 @@ cluster fails in seconds with a message rather than after an hour of ingest.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
 
 from . import storage
+from ._configfile import parse_mapping
 from .errors import EdiceError, InputError
 
 PATH_KEYS = ("out", "manifest", "chrom_sizes", "store", "model", "run")
@@ -58,29 +58,7 @@ PROBE_READ_TIMEOUT_S = 10
 
 
 def _parse(text: str, path: str) -> dict:
-    if path.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"Job config {path} is not valid JSON: {e}.") from None
-    else:
-        try:
-            import yaml  # a dependency of Ray
-        except ImportError:
-            raise InputError(f"Job config {path} is YAML but PyYAML is not installed: "
-                             "`pip install pyyaml`, or write the config as JSON.") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise InputError(f"Job config {path} is not valid YAML: {e}.") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InputError(
-            f"Job config {path} must be a mapping of keys to values (e.g. `store: s3://...`), "
-            f"not a {type(data).__name__}."
-        )
-    return data
+    return parse_mapping(text, path, "Job config")
 
 
 def _open_fields(section: str) -> tuple[str, ...] | None:

@@ -66,6 +66,8 @@ def run_pipeline(
     from . import raycluster
 
     opts = _split_overrides(overrides or {})
+    out_dir = storage.absolute(out_dir)
+    manifest, chrom_sizes, truth = map(storage.absolute, (manifest, chrom_sizes, truth))
     t0 = time.monotonic()
     n = 3 + (manifest is None) + bool(truth or manifest is None)
     step = 0

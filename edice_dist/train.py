@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, storage
+from ._configfile import parse_mapping
 from .errors import EdiceError, InputError
 from .model import EDICE, ModelConfig, extend_vocab, init_seed
 from .progress import log
@@ -208,26 +209,7 @@ def _read_config_file(path: str) -> dict:
         raise InputError(f"Config file {path} does not exist.") from None
     except OSError as e:
         raise InputError(f"Cannot read config file {path}: {e}.") from None
-    if path.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"Config file {path} is not valid JSON: {e}.") from None
-    else:
-        try:
-            import yaml
-        except ImportError:
-            raise InputError(f"Config file {path} looks like YAML but PyYAML is not "
-                             "installed: `pip install pyyaml`, or write the config as JSON.") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise InputError(f"Config file {path} is not valid YAML (or JSON): {e}.") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InputError(f"Config file {path} must hold a mapping of config keys to values.")
-    return data
+    return parse_mapping(text, path)
 
 
 def load_config(config_file: str | None = None, overrides: dict[str, str] | None = None,
@@ -648,10 +630,12 @@ def _resources(cfg: TrainConfig) -> tuple[bool, int, int]:
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
     workers = cfg.workers or (max(gpus, 1) if use_gpu else 1)
     if use_gpu and workers > gpus:
+        if not on_cluster and gpus == 0:
+            raise InputError("use_gpu is true but Ray reports no GPU. Drop --use_gpu (or set "
+                             "it to false) to train on CPUs.")
         if not on_cluster:
-            raise InputError(
-                f"{workers} GPU worker(s) need {workers} GPU(s); Ray reports {gpus}. Lower "
-                "workers, or set use_gpu=false to train on CPUs.")
+            raise InputError(f"{workers} GPU workers need {workers} GPUs; Ray reports {gpus}. "
+                             "Lower workers.")
         log(f"train: {workers} GPU worker(s) asked for, {gpus} GPU(s) up now; waiting for "
             "the autoscaler to add GPU nodes")
     cpus = cfg.cpus_per_worker or _default_cpus_per_worker(workers, use_gpu)
