@@ -210,8 +210,17 @@ def _validate_sources(tracks, full, genome, partial, slots) -> list[str]:
         for w in warns:
             progress.log(f"  warning: {w}")
     if errors:
-        more = f" ({len(errors) - 3} more problems not shown.)" if len(errors) > 3 else ""
-        raise InputError(" ".join(errors[:3]) + more)
+        # One naming mistake usually hits every source: say it once, with a count.
+        groups: dict[str, list[str]] = {}
+        for col, _, _, msg in results:
+            if msg:
+                t = tracks[col]
+                key = msg.replace(t.path, "\0").replace(t.track_id, "\1")
+                groups.setdefault(key, []).append(msg)
+        parts = [msgs[0] + (f" The same problem affects {len(msgs) - 1} more source(s)."
+                            if len(msgs) > 1 else "") for msgs in groups.values()]
+        more = f" ({len(parts) - 3} more problems not shown.)" if len(parts) > 3 else ""
+        raise InputError(" ".join(parts[:3]) + more)
     return [read for _, read, _, _ in results]
 
 

@@ -362,6 +362,22 @@ def test_bad_source_is_refused_and_no_store(name, ray_local, tmp_path, capsys):
     assert os.path.exists(partial) == (name in ("NaN", "inf", "negative"))
 
 
+def test_same_problem_in_every_source_is_said_once(ray_local, tmp_path, capsys):
+    _write_sizes(tmp_path / "chrom.sizes")
+    rows = []
+    for i in range(3):
+        _bw(tmp_path / f"s{i}.bw", [("1", 10_013)], [("1", [0], [100], [1.0])])
+        rows.append((f"C{i}", "A1", f"s{i}.bw", "train"))
+    _manifest(tmp_path / "m.tsv", rows)
+    out = tmp_path / "out.zarr"
+    rc, err = _ingest([tmp_path / "m.tsv", "--chrom-sizes", tmp_path / "chrom.sizes",
+                       "--out", out], capsys)
+    assert rc != 0
+    assert err.count("shares no chromosome") == 1
+    assert "s0.bw" in err and "affects 2 more source(s)" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("manifest,expected", [
     ("cell_type\tassay\tpath\nC1\tA1\tok.bw\nC1\tA1\tok.bw\n", ["line 3", "listed twice"]),
     ("cell_type\tassay\nC1\tA1\n", ["lacks the column(s) path"]),
