@@ -43,7 +43,8 @@ def main(job: str, summary: str, argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from edice_dist.errors import EdiceError
-    from edice_dist.jobconfig import load_job_config, preflight, run_stages, stages_for
+    from edice_dist.jobconfig import load_job_config, run_stages, stages_for
+    from edice_dist.preflight import preflight
     from edice_dist.progress import log
 
     t0 = time.monotonic()

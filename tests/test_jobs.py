@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from edice_dist.errors import EdiceError, InputError
-from edice_dist.jobconfig import load_job_config, preflight, run_stages, stages_for
+from edice_dist.jobconfig import load_job_config, run_stages, stages_for
+from edice_dist.preflight import preflight
 
 sys.path.insert(0, str(Path(__file__).parent))
 from s3server import free_port  # noqa: E402

@@ -15,7 +15,8 @@ import pytest
 
 from edice_dist import _partial, storage
 from edice_dist.errors import EdiceError
-from edice_dist.jobconfig import load_job_config, preflight, stages_for
+from edice_dist.jobconfig import load_job_config, stages_for
+from edice_dist.preflight import preflight
 
 sys.path.insert(0, str(Path(__file__).parent))
 from s3server import S3Server, clear_fsspec_cache  # noqa: E402
