@@ -84,12 +84,7 @@ class TruthTrack:
 
 
 def _read_tsv(path: str, required: tuple[str, ...], what: str) -> list[dict[str, str]]:
-    try:
-        text = storage.read_text(path)
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"Cannot read {what} {path}: {e}.") from None
+    text = storage.read_input(path, what.lower())
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     rows = list(csv.DictReader(io.StringIO("\n".join(lines)), delimiter="\t"))
     header = [h.strip() for h in (rows[0].keys() if rows else [])]

@@ -103,12 +103,7 @@ def read_chrom_sizes(path: str, chroms: list[str] | None = None) -> Genome:
         When the file is missing, a line is malformed, a size is not a positive integer
         or a chromosome is listed twice.
     """
-    try:
-        text = storage.read_text(path)
-    except FileNotFoundError:
-        raise InputError(f"Chromosome sizes file {path} does not exist.") from None
-    except OSError as e:
-        raise InputError(f"Cannot read chromosome sizes file {path}: {e}.") from None
+    text = storage.read_input(path, "chromosome sizes file")
     names, sizes = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
@@ -144,7 +139,7 @@ def write_chrom_sizes(path: str, genome: Genome) -> None:
 def read_bed(path: str, genome: Genome | None = None) -> dict[str, np.ndarray]:
     """Read a BED file into ``{chrom: int64 array of shape (n, 2)}`` of [start, end) bp,
     sorted by start. Chromosomes outside ``genome`` are dropped; header lines are skipped."""
-    text = storage.read_text(path)
+    text = storage.read_input(path, "BED file")
     per: dict[str, list[tuple[int, int]]] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith(("#", "track", "browser")):

@@ -141,6 +141,18 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+def read_input(path: str, what: str) -> str:
+    """The text of an input file, or an InputError naming ``what`` it is and the path."""
+    from .errors import InputError
+
+    try:
+        return read_text(path)
+    except FileNotFoundError:
+        raise InputError(f"{what[:1].upper() + what[1:]} {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"Cannot read {what} {path}: {e}.") from None
+
+
 def read_bytes(path: str) -> bytes:
     with fsspec.open(_strip_file(path) if not is_url(path) else path, "rb",
                      **storage_options(path)) as f:

@@ -85,12 +85,7 @@ def read_manifest(path: str) -> list[Track]:
         Missing file, missing columns, no rows, bad names, bad split values or
         duplicate (individual, cell type, assay) rows; the message names the line.
     """
-    try:
-        text = storage.read_text(path)
-    except FileNotFoundError:
-        raise InputError(f"Manifest {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"Cannot read manifest {path}: {e}.") from None
+    text = storage.read_input(path, "manifest")
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise InputError(
@@ -159,10 +154,7 @@ def parse_targets(spec: str) -> list[tuple[str, str]]:
     if storage.is_url(spec) or "\t" in spec or spec.endswith((".tsv", ".txt")) or (
         ":" not in spec and storage.exists(spec)
     ):
-        try:
-            text = storage.read_text(spec)
-        except FileNotFoundError:
-            raise InputError(f"Targets file {spec} does not exist.") from None
+        text = storage.read_input(spec, "targets file")
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         rows = list(csv.DictReader(io.StringIO("\n".join(lines)), delimiter="\t"))
         if not rows or "cell_type" not in rows[0] or "assay" not in rows[0]:

@@ -203,13 +203,7 @@ def _coerce(key: str, value, where: str):
 
 
 def _read_config_file(path: str) -> dict:
-    try:
-        text = storage.read_text(path)
-    except FileNotFoundError:
-        raise InputError(f"Config file {path} does not exist.") from None
-    except OSError as e:
-        raise InputError(f"Cannot read config file {path}: {e}.") from None
-    return parse_mapping(text, path)
+    return parse_mapping(storage.read_input(path, "config file"), path)
 
 
 def load_config(config_file: str | None = None, overrides: dict[str, str] | None = None,

@@ -43,6 +43,8 @@ def test_bad_chrom_sizes(tmp_path, text, msg):
 def test_missing_chrom_sizes_and_unknown_chrom(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_chrom_sizes(str(tmp_path / "nope"))
+    with pytest.raises(InputError, match=r"BED file .*peaks.bed does not exist"):
+        read_bed(str(tmp_path / "peaks.bed"))
     p = tmp_path / "g.sizes"
     p.write_text("chr1\t100\n")
     with pytest.raises(InputError, match="chr9"):
