@@ -115,8 +115,9 @@ def _bigwig_paths(n_bins: int, folder: str):
 def run_bigwig(n_bins: int, folder: str) -> dict:
     """Evaluate the files that ``write`` made in ``folder`` (a separate process, so the
     bigWig writer's index does not count in this peak RSS)."""
-    from edice_dist.evaluate import Job, TruthTrack, run_job
+    from edice_dist.evaluate import Job, run_job
     from edice_dist.genome import Genome
+    from edice_dist.truth import TruthTrack
 
     (truth, imp, bed), chroms = _bigwig_paths(n_bins, folder)
     genome = Genome(tuple(c for c, _ in chroms), tuple(s for _, s in chroms))

@@ -2,14 +2,18 @@
 
 ```
 MODEL_DIR/
-  model.pt       the model to use (best validation loss): state dict + everything below
-  model.json     the same information without weights, for people and `edice info`
-  history.tsv    one line per epoch (written by training)
+  model.pt, model.json   the model to use (best validation loss): state dict + metadata;
+                         model.json is the metadata without weights, for people and `edice info`
+  history.tsv            one line per epoch (written by training)
+  train.json             the training run's config, data and status ("running" / "finished")
+  ray/run-NNN/epoch_EEEE/  per-epoch checkpoints (state.pt, metrics.json) of each
+                         invocation; Ray Train keeps the best and the latest per run
 ```
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -21,6 +25,12 @@ from .model import EDICE, ModelConfig
 
 FORMAT = "edice-model"
 FORMAT_VERSION = 1
+RECORD = "train.json"
+HISTORY = "history.tsv"
+STATE = "state.pt"
+METRICS = "metrics.json"
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_mse", "val_pearson", "avg_mse", "bins_per_s",
+                   "seconds", "best")
 
 
 def save_model(model_dir: str, model: EDICE, info: dict) -> None:
@@ -41,6 +51,13 @@ def save_model(model_dir: str, model: EDICE, info: dict) -> None:
     storage.write_bytes_atomic(storage.join(model_dir, "model.pt"), buf.getvalue())
     storage.write_text_atomic(storage.join(model_dir, "model.json"),
                               json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def model_sha256(model_dir: str) -> str:
+    """sha256 of ``model.pt``: what identifies a trained model."""
+    h = hashlib.sha256()
+    h.update(storage.read_bytes(storage.join(model_dir, "model.pt")))
+    return h.hexdigest()
 
 
 def load_meta(model_dir: str) -> dict:
@@ -108,3 +125,85 @@ def describe(model_dir: str) -> str:
         tc = meta["train_config"]
         lines.append("train config " + ", ".join(f"{k}={v}" for k, v in tc.items()))
     return "\n".join(lines)
+
+
+# -- training: the run record, epoch checkpoints, history ------------------------------
+
+
+def read_record(out: str) -> dict | None:
+    """``train.json`` of the model folder ``out``; None when there is none."""
+    return storage.read_json(storage.join(out, RECORD), "Train into a new --out folder.")
+
+
+def write_record(out: str, record: dict) -> None:
+    storage.write_text_atomic(storage.join(out, RECORD), json.dumps(record, indent=2) + "\n")
+
+
+def epoch_checkpoints(out: str) -> list[dict]:
+    """Every epoch checkpoint in ``out/ray`` with its metrics, oldest first."""
+    found = []
+    root = storage.join(out, "ray")
+    for run in storage.list_dir(root):
+        if not run.startswith("run-"):
+            continue
+        for name in storage.list_dir(storage.join(root, run)):
+            if not name.startswith("epoch_"):
+                continue
+            path = storage.join(root, run, name)
+            try:
+                metrics = json.loads(storage.read_text(storage.join(path, METRICS)))
+            except (OSError, json.JSONDecodeError, FileNotFoundError):
+                metrics = None
+            found.append({"run": run, "name": name, "path": path, "metrics": metrics,
+                          "epoch": int(name.split("_")[1])})
+    found.sort(key=lambda c: (c["epoch"], c["run"]))
+    return found
+
+
+def load_state(path: str) -> dict:
+    """A checkpoint's ``state.pt``; InputError when it is unreadable or partial."""
+    f = storage.join(path, STATE)
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(f)), map_location="cpu", weights_only=True)
+        for key in ("model", "optimizer", "epoch", "history", "config"):
+            state[key]  # noqa: B018 - a missing key means a partial or foreign file
+    except Exception as e:  # torch raises many types for truncated files
+        raise InputError(
+            f"Checkpoint {f} is unreadable or partial ({type(e).__name__}: {e}). Delete the "
+            f"folder {path} to resume from the checkpoint before it, or train into a new "
+            "--out folder."
+        ) from None
+    return state
+
+
+def latest_checkpoint(out: str) -> dict | None:
+    """The newest complete checkpoint (None when there is none); InputError when the newest
+    one is partial."""
+    found = epoch_checkpoints(out)
+    cks = [c for c in found if c["metrics"] is not None]
+    partial = [c for c in found if c["metrics"] is None]
+    if partial and (not cks or partial[-1]["epoch"] > cks[-1]["epoch"]):
+        c = partial[-1]
+        raise InputError(
+            f"Checkpoint {c['path']} is partial (no {METRICS}). Delete that folder to resume "
+            "from the checkpoint before it, or train into a new --out folder."
+        )
+    return cks[-1] if cks else None
+
+
+def next_run_name(out: str) -> str:
+    runs = [n for n in storage.list_dir(storage.join(out, "ray")) if n.startswith("run-")]
+    nums = [int(n[4:]) for n in runs if n[4:].isdigit()]
+    return f"run-{max(nums, default=0) + 1:03d}"
+
+
+def write_history(out: str, history: list[dict]) -> None:
+    lines = ["\t".join(HISTORY_COLUMNS)]
+    for row in history:
+        vals = []
+        for k in HISTORY_COLUMNS:
+            v = row.get(k, "")
+            vals.append(f"{v:.6g}" if isinstance(v, float) else str(v))
+        lines.append("\t".join(vals))
+    storage.write_text_atomic(storage.join(out, HISTORY), "\n".join(lines) + "\n")
+

@@ -1,15 +1,21 @@
-"""The `edice` command: argument parsing and dispatch; the work lives in one module per verb.
+"""The `edice` command: argument parsing only. Every stage subcommand is built from its
+declaration in :mod:`edice_dist.stages` and runs through :func:`stages.run_stage`; the
+work lives in one module per verb.
 
-Modules are imported only when their subcommand runs, so `edice --help` stays fast.
+Stage modules are imported only when their subcommand runs, so `edice --help` stays fast.
+Option values reach the stage as text and are typed by :mod:`edice_dist.config`, so that a
+bad value is a one-paragraph error like every other.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
+import typing
 
-from . import __version__
+from . import __version__, config, stages
 from .errors import EdiceError
 
 
@@ -33,59 +39,65 @@ def _overrides(extra: list[str]) -> dict[str, str]:
     return out
 
 
-def cmd_simulate(a, extra):
-    from .simulate import SimConfig, simulate
-
-    cfg = SimConfig.from_overrides({"seed": str(a.seed), "individuals": str(a.individuals),
-                                    **_overrides(extra)})
-    simulate(a.out_dir, cfg)
+# ----------------------------------------------------------------------------- stages
 
 
-def cmd_ingest(a, extra):
-    from .ingest import ingest
-
-    ingest(a.manifest, a.chrom_sizes, a.out, force=a.force, chroms=a.chroms,
-           chunk_bins=a.chunk_bins, dtype=a.dtype, workers=a.workers)
-
-
-def cmd_info(a, extra):
-    from .info import describe
-
-    print(describe(a.path))
+def _metavar(typ, flag: str) -> str:
+    inner, _ = config.unwrap(typ)
+    if typing.get_origin(inner) is typing.Literal:
+        return "{" + ",".join(typing.get_args(inner)) + "}"
+    return {int: "N", float: "X"}.get(inner, flag.lstrip("-").replace("-", "_").upper())
 
 
-def cmd_train(a, extra):
-    from .train import load_config, train
-
-    cfg = load_config(a.config, _overrides(extra))
-    train(a.store, a.out, cfg, resume=a.resume)
-
-
-def cmd_finetune(a, extra):
-    from .train import finetune
-
-    finetune(a.model, a.store, a.out, config_file=a.config, overrides=_overrides(extra),
-             resume=a.resume)
-
-
-def cmd_impute(a, extra):
-    from .impute import impute
-
-    impute(a.store, a.model, a.out, targets=a.targets, chroms=a.chroms, force=a.force,
-           workers=a.workers, gpus=a.gpus, space=a.space, export=not a.no_export,
-           batch_bins=a.batch_bins, dtype=a.dtype)
+def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field, typ, help_: str) -> None:
+    """One option as a flag; values stay text (``store_const`` for booleans)."""
+    flag = stages.flag(f)
+    inner, _ = config.unwrap(typ)
+    if inner is bool and f.default is True:
+        p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                       const=False, default=argparse.SUPPRESS, help=f"do not {help_}")
+    elif inner is bool:
+        p.add_argument(flag, dest=f.name, action="store_const", const=True,
+                       default=argparse.SUPPRESS, help=help_)
+    elif typing.get_origin(inner) is list:
+        p.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, help=help_)
+    else:
+        default = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, dest=f.name, metavar=_metavar(typ, flag), default=argparse.SUPPRESS,
+                       help=help_ + default)
 
 
-def cmd_export(a, extra):
-    from .export import export
+def _add_stage(sub, st: stages.Stage) -> None:
+    # No abbreviated flags: --gpu must not pass for --gpus here while a job config's
+    # `gpu:` is refused.
+    s = sub.add_parser(st.name, help=st.help, epilog=st.epilog or None, allow_abbrev=False)
+    for a in st.paths:
+        if a.flag.startswith("--"):
+            s.add_argument(a.flag, dest=a.name, required=a.required, default=None, help=a.help)
+        else:
+            s.add_argument(a.name, metavar=a.flag, help=a.help)
+    types = config.field_types(st.options)
+    for f in dataclasses.fields(st.options):
+        _add_option(s, f, types[f.name], f.metadata.get("help", ""))
+    if st.flags:
+        opened = stages.open_config(st)
+        types = config.field_types(opened)
+        helps = dict(st.flags)
+        for f in dataclasses.fields(opened):
+            if f.name in helps:
+                _add_option(s, f, types[f.name], helps[f.name])
+    s.set_defaults(func=_run_stage, stage=st, extras=st.open is not None)
 
-    export(a.run_dir, space=a.space, force=a.force)
+
+def _run_stage(a, extra) -> None:
+    st = a.stage
+    names = {f.name for f in dataclasses.fields(st.options)} | dict(st.flags).keys()
+    options = {k: v for k, v in vars(a).items() if k in names}
+    stages.run_stage(st.name, {p.name: getattr(a, p.name) for p in st.paths},
+                     {**options, **_overrides(extra)}, prefix="--")
 
 
-def cmd_evaluate(a, extra):
-    from .evaluate import evaluate
-
-    evaluate(a.truth, a.imputed, store=a.store, out=a.out, space=a.space, plots=not a.no_plots)
+# ----------------------------------------------------------------------------- whole job
 
 
 def cmd_benchmark_quality(a, extra):
@@ -102,6 +114,10 @@ def cmd_pipeline(a, extra):
                  chrom_sizes=a.chrom_sizes, truth=a.truth, demo_model=False)
 
 
+_STAGE_OPTIONS = ("Stage options: --sim.KEY=VALUE, --ingest.KEY=VALUE, --train.KEY=VALUE, "
+                  "--impute.KEY=VALUE, --evaluate.KEY=VALUE (the options of `edice <stage>`).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edice",
@@ -110,78 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edice-dist {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("simulate", help="write a synthetic consortium (bigWigs, manifest, truth)")
-    s.add_argument("out_dir")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--individuals", type=int, default=0,
-                   help="number of individuals (0: a consortium of cell types only)")
-    s.set_defaults(func=cmd_simulate, extras=True)
-
-    s = sub.add_parser("ingest", help="build the track store from a manifest of bigWigs")
-    s.add_argument("manifest")
-    s.add_argument("--chrom-sizes", required=True)
-    s.add_argument("--out", required=True, help="store path or URL")
-    s.add_argument("--force", action="store_true", help="replace a different store at --out")
-    s.add_argument("--chroms", nargs="+", help="chromosomes to use (default: all in chrom.sizes)")
-    s.add_argument("--chunk-bins", type=int, default=None)
-    s.add_argument("--dtype", default=None, choices=["float16", "float32"])
-    s.add_argument("--workers", type=int, default=None, help="parallel ingest tasks")
-    s.set_defaults(func=cmd_ingest)
-
-    s = sub.add_parser("info", help="describe a store, a model folder or a run folder")
-    s.add_argument("path")
-    s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("train", help="train eDICE on a store (Ray Train)",
-                       epilog="Config keys may be set with --KEY=VALUE, e.g. --epochs=5 --lr=1e-4.")
-    s.add_argument("--store", required=True)
-    s.add_argument("--out", required=True, help="model folder")
-    s.add_argument("--config", help="JSON or YAML file of config keys")
-    s.add_argument("--resume", action="store_true", help="continue a run in --out")
-    s.set_defaults(func=cmd_train, extras=True)
-
-    s = sub.add_parser("finetune", help="transfer learning from a trained model (SPEC 2.7)")
-    s.add_argument("--model", required=True)
-    s.add_argument("--store", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--config")
-    s.add_argument("--resume", action="store_true")
-    s.set_defaults(func=cmd_finetune, extras=True)
-
-    s = sub.add_parser("impute", help="genome-wide imputation, then export to bigWig")
-    s.add_argument("--store", required=True)
-    s.add_argument("--model", required=True)
-    s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--targets", help="TSV with cell_type, assay; or cell:assay,cell:assay")
-    s.add_argument("--chroms", nargs="+")
-    s.add_argument("--force", action="store_true", help="restart a run made with other settings")
-    s.add_argument("--workers", type=int, default=None, help="number of imputation actors")
-    s.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all Ray has)")
-    s.add_argument("--batch-bins", type=int, default=None)
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="compute dtype (default: bfloat16 where the device multiplies it fast)")
-    s.add_argument("--space", choices=["pval", "arcsinh"], default="pval")
-    s.add_argument("--no-export", action="store_true", help="skip the bigWig export")
-    s.set_defaults(func=cmd_impute)
-
-    s = sub.add_parser("export", help="write the bigWigs of an imputation run (the reducer)")
-    s.add_argument("run_dir")
-    s.add_argument("--space", choices=["pval", "arcsinh"], default="pval")
-    s.add_argument("--force", action="store_true", help="rewrite bigWigs that exist")
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("evaluate", help="metrics of imputed tracks against the truth")
-    s.add_argument("--truth", required=True, help="manifest of truth tracks (with peaks)")
-    s.add_argument("--imputed", required=True, help="folder of imputed bigWigs")
-    s.add_argument("--store", help="track store for the AVG / TrackAVG baselines")
-    s.add_argument("--out", help="folder for metrics.tsv, JSON and plots")
-    s.add_argument("--space", choices=["arcsinh", "pval"], default="arcsinh")
-    s.add_argument("--no-plots", action="store_true")
-    s.set_defaults(func=cmd_evaluate)
+    for st in stages.STAGES.values():
+        _add_stage(sub, st)
 
     s = sub.add_parser("benchmark-quality",
-                       help="simulate, train, impute held-out tracks and evaluate them")
+                       help="simulate, train, impute held-out tracks and evaluate them",
+                       epilog=_STAGE_OPTIONS)
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--paper-model", action="store_true",
@@ -189,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_benchmark_quality, extras=True)
 
     s = sub.add_parser("pipeline", help="ingest, train, impute and export a manifest in one go",
-                       epilog="Stage options: --train.KEY=VALUE, --impute.KEY=VALUE.")
+                       epilog=_STAGE_OPTIONS)
     s.add_argument("--manifest", required=True)
     s.add_argument("--chrom-sizes", required=True)
     s.add_argument("--out", required=True, help="folder for store/, model/, run/")

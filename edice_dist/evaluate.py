@@ -3,14 +3,9 @@ baselines, as tables, JSON and plots.
 
 Inputs
 ------
-- ``truth``: a TSV with the columns ``cell_type assay path`` and optional ``peaks`` (a BED
-  of the track's peaks) and ``individual``, as ``edice simulate`` writes to
-  ``truth/targets.tsv``; relative paths resolve against its folder.
-- ``imputed``: a folder of ``<cell_key>-<assay>.bigWig`` files (an imputation run's
-  ``bigwig/``; ``cell_key`` is ``cell_type@individual`` with individuals). A
-  ``manifest.tsv`` there (``cell_type assay individual path`` and optional ``space``) is
-  used when present. Imputed bigWigs hold -log10 p unless that ``space`` column, or
-  ``imputed_space``, says ``arcsinh``.
+- ``truth`` and ``imputed``: the truth manifest and the folder of imputed bigWigs (read
+  by :mod:`edice_dist.truth`). Imputed bigWigs hold -log10 p unless the ``space`` column of
+  their ``manifest.tsv``, or ``imputed_space``, says ``arcsinh``.
 - ``store`` (optional): the track store. **AVG** of a truth track is, per bin, the mean of
   the store's observed tracks (split train or val, never test) of the same assay in the
   other cell keys; **TrackAVG** the mean of the same cell type and assay over the other
@@ -36,8 +31,6 @@ track and method, reused by a re-run whose inputs have not changed).
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import math
@@ -47,152 +40,19 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import __version__, storage
+from . import __version__, spaces, storage
 from .errors import EdiceError, InputError
-from .genome import Genome, bed_bin_mask, read_bed, read_chrom_sizes
+from .genome import Genome, bed_bin_mask, read_bed
 from .metrics import METRICS, PEAK_PVAL, REGIONS, call_peaks, lower_is_better, track_metrics
 from .progress import Progress, log
-from .tracks import cell_key as make_cell_key
-from .tracks import track_id as make_track_id
+from .truth import TruthTrack, check_header, imputed_paths, read_truth, resolve_genome
 
 METHODS = ("model", "AVG", "TrackAVG")
-SPACES = ("arcsinh", "pval")
 ANNOTATION_FILES = {"promoter": "promoters.bed", "genebody": "gene_bodies.bed",
                     "enhancer": "enhancers.bed"}
 READ_BINS = 1 << 17
 """Bins read per chunk (a 3.3 Mbp window: pyBigWig's per-base buffer is ~26 MB)."""
 _CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TruthTrack:
-    """One held-out track: its bigWig of -log10 p and optional peak BED."""
-
-    cell_type: str
-    assay: str
-    path: str
-    peaks: str = ""
-    individual: str = ""
-
-    @property
-    def cell_key(self) -> str:
-        return make_cell_key(self.cell_type, self.individual)
-
-    @property
-    def track_id(self) -> str:
-        return make_track_id(self.cell_key, self.assay)
-
-
-def _read_tsv(path: str, required: tuple[str, ...], what: str) -> list[dict[str, str]]:
-    text = storage.read_input(path, what.lower())
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    rows = list(csv.DictReader(io.StringIO("\n".join(lines)), delimiter="\t"))
-    header = [h.strip() for h in (rows[0].keys() if rows else [])]
-    missing = [c for c in required if c not in header]
-    if not rows or missing:
-        raise InputError(
-            f"{what} {path} needs a tab-separated header with {', '.join(required)} and one "
-            f"row per track" + (f"; it lacks {', '.join(missing)}." if rows else "; it has no rows.")
-        )
-    return [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
-
-
-def _resolve(base: str, p: str) -> str:
-    return p if not p or storage.is_url(p) or p.startswith("/") else storage.join(base, p)
-
-
-def read_truth(path: str) -> list[TruthTrack]:
-    """Parse a truth manifest (``cell_type assay path [peaks] [individual]``).
-
-    Raises
-    ------
-    InputError
-        A missing file or column, an empty path, or a track listed twice.
-    """
-    rows = _read_tsv(path, ("cell_type", "assay", "path"), "Truth manifest")
-    base = storage.parent(path)
-    out, seen = [], {}
-    for lineno, r in enumerate(rows, 2):
-        if not r["cell_type"] or not r["assay"] or not r["path"]:
-            raise InputError(f"{path}, line {lineno}: cell_type, assay and path must be filled.")
-        t = TruthTrack(r["cell_type"], r["assay"], _resolve(base, r["path"]),
-                       _resolve(base, r.get("peaks", "")), r.get("individual", ""))
-        if t.track_id in seen:
-            raise InputError(f"{path}, line {lineno}: {t.track_id} is listed twice "
-                             f"(first at line {seen[t.track_id]}).")
-        seen[t.track_id] = lineno
-        out.append(t)
-    return out
-
-
-def imputed_paths(imputed: str, truth: list[TruthTrack],
-                  imputed_space: str = "pval") -> dict[str, tuple[str, str]]:
-    """``{track_id: (bigWig path, value space)}`` of the imputed file of every truth track.
-
-    Raises
-    ------
-    InputError
-        Naming the first truth track without an imputed file and the path expected.
-    """
-    listed: dict[str, tuple[str, str]] = {}
-    manifest = storage.join(imputed, "manifest.tsv")
-    if storage.exists(manifest):
-        for r in _read_tsv(manifest, ("cell_type", "assay", "path"), "Imputed manifest"):
-            tid = make_track_id(make_cell_key(r["cell_type"], r.get("individual", "")), r["assay"])
-            listed[tid] = (_resolve(imputed, r["path"]), r.get("space") or imputed_space)
-    out = {}
-    for t in truth:
-        path, space = listed.get(t.track_id, (storage.join(imputed, f"{t.track_id}.bigWig"),
-                                              imputed_space))
-        if space not in SPACES:
-            raise InputError(f"{manifest}: space {space!r} of {t.track_id} must be pval or arcsinh.")
-        if not storage.exists(path):
-            raise InputError(
-                f"No imputed bigWig for truth track {t.track_id} ({t.cell_type} {t.assay}"
-                + (f", individual {t.individual}" if t.individual else "")
-                + f"): expected {path}. Impute it (`edice impute --targets "
-                f"{t.cell_key}:{t.assay}`) or drop it from the truth manifest."
-            )
-        out[t.track_id] = (path, space)
-    return out
-
-
-def _header(path: str, label: str) -> dict[str, int]:
-    from .sources import open_source
-
-    with open_source(path, label=label) as src:
-        return src.chroms()
-
-
-def resolve_genome(truth_path: str, truth: list[TruthTrack], store_genome: Genome | None,
-                   chrom_sizes: str | None) -> Genome:
-    """The evaluation genome (see the module docstring for the order of sources)."""
-    if store_genome is not None:
-        return store_genome
-    if chrom_sizes:
-        return read_chrom_sizes(chrom_sizes)
-    guess = storage.join(storage.parent(storage.parent(truth_path)), "chrom.sizes")
-    if storage.exists(guess):
-        return read_chrom_sizes(guess)
-    head = _header(truth[0].path, truth[0].track_id)
-    return Genome(tuple(head), tuple(head.values()))
-
-
-def check_header(path: str, label: str, genome: Genome) -> None:
-    """Every genome chromosome must be in the bigWig with the same size."""
-    head = _header(path, label)
-    for c, size in zip(genome.chroms, genome.sizes, strict=True):
-        if c not in head:
-            raise InputError(
-                f"{path} (track {label}) has no chromosome {c}, which the genome has "
-                f"({size:,} bp). Evaluate on the same chromosomes as the imputation, e.g. a "
-                "store or chrom.sizes restricted to them."
-            )
-        if head[c] != size:
-            raise InputError(
-                f"{path} (track {label}): {c} is {head[c]:,} bp there but {size:,} bp in the "
-                "genome. The files were made for different assemblies."
-            )
 
 
 # ---------------------------------------------------------------- one track, one method
@@ -216,15 +76,6 @@ class Job:
     fingerprint: dict = field(default_factory=dict, compare=False)
 
 
-def to_space(values: np.ndarray, source_space: str, space: str) -> np.ndarray:
-    """float32 values in ``space`` from values in ``source_space`` (both arcsinh or pval);
-    the transform is done in float64, then rounded once to float32."""
-    v = np.asarray(values, dtype=np.float64)
-    if source_space != space:
-        v = np.arcsinh(v) if space == "arcsinh" else np.sinh(v)
-    return v.astype(np.float32)
-
-
 def baseline_window(store, chrom: str, start: int, stop: int, columns, space: str) -> np.ndarray:
     """The per-bin mean of store ``columns`` over bins ``[start, stop)`` in ``space``.
 
@@ -232,9 +83,7 @@ def baseline_window(store, chrom: str, start: int, stop: int, columns, space: st
     -------
     np.ndarray, shape (stop - start,), float32
     """
-    data = store.read(chrom, start, stop, columns).astype(np.float64)
-    if space == "pval":
-        data = np.sinh(data)
+    data = spaces.to_space(store.read(chrom, start, stop, columns), space)
     return data.mean(axis=1).astype(np.float32)
 
 
@@ -262,10 +111,10 @@ def job_chunks(job: Job):
         try:
             for ch in job.genome.chunks(read_bins):
                 pval = truth_src.binned(ch.chrom, ch.start, ch.stop)
-                t = to_space(pval, "pval", job.space)
+                t = spaces.to_space(pval, job.space, "pval", np.float32)
                 if pred_src is not None:
-                    y = to_space(pred_src.binned(ch.chrom, ch.start, ch.stop),
-                                 job.pred_space, job.space)
+                    y = spaces.to_space(pred_src.binned(ch.chrom, ch.start, ch.stop),
+                                        job.space, job.pred_space, np.float32)
                 else:
                     y = baseline_window(store, ch.chrom, ch.start, ch.stop, job.columns, job.space)
                 if peaks is not None:
@@ -432,6 +281,57 @@ def run_jobs(jobs: list[Job], out: str, parallel: bool | None = None) -> list[di
     return results
 
 
+def browser_panels(jobs: list[Job], limit: int, width: int) -> list[dict]:
+    """The data of the genome-browser plots of the first ``limit`` truth tracks: a window
+    of ``width`` bins around the truth's highest bin on the first chromosome.
+
+    Returns
+    -------
+    list of dict
+        ``track_id``, ``panel`` (label -> values, shape (w,): truth, model, baselines),
+        ``chrom``, ``start_bin``, ``bin_size``, ``peaks`` (shape (w,), bool), ``title`` and
+        ``ylabel`` (the value space), as :func:`edice_dist.plots.browser` takes them.
+    """
+    from .sources import open_source
+    from .store import open_store
+
+    by_track: dict[str, list[Job]] = {}
+    for j in jobs:
+        by_track.setdefault(j.track.track_id, []).append(j)
+    out = []
+    for track_jobs in list(by_track.values())[:limit]:
+        job = next(j for j in track_jobs if j.method == "model")
+        g, t = job.genome, job.track
+        chrom = g.chroms[0]
+        nb = g.n_bins(chrom)
+        with open_source(t.path, g, label=t.track_id) as src:
+            best, best_at = -np.inf, 0
+            for s in range(0, nb, job.read_bins):
+                v = src.binned(chrom, s, min(s + job.read_bins, nb))
+                if len(v) and v.max() > best:
+                    best, best_at = float(v.max()), s + int(np.argmax(v))
+            a = max(0, min(best_at - width // 2, nb - width))
+            b = min(nb, a + width)
+            pval = src.binned(chrom, a, b)
+        panel = {"truth": spaces.to_space(pval, job.space, "pval", np.float32)}
+        for j in track_jobs:
+            if j.method == "model":
+                with open_source(j.pred_path, g, label=f"imputed {t.track_id}") as src:
+                    panel["model"] = spaces.to_space(src.binned(chrom, a, b), j.space,
+                                                     j.pred_space, np.float32)
+            else:
+                panel[j.method] = baseline_window(open_store(j.store), chrom, a, b, j.columns,
+                                                  j.space)
+        if t.peaks:
+            peaks = bed_bin_mask(read_bed(t.peaks, g).get(chrom), a, b, g.bin_size)
+        else:
+            peaks = call_peaks(pval)
+        out.append({"track_id": t.track_id, "panel": panel, "chrom": chrom, "start_bin": a,
+                    "bin_size": g.bin_size, "peaks": peaks,
+                    "title": f"{t.track_id} ({t.cell_type} {t.assay})", "ylabel": job.space})
+    return out
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -590,10 +490,8 @@ def evaluate(
     """
     truth, imputed, store, out = map(storage.absolute, (truth, imputed, store, out))
     t0 = time.monotonic()
-    if space not in SPACES:
-        raise InputError(f"--space must be arcsinh or pval, got {space!r}.")
-    if imputed_space not in SPACES:
-        raise InputError(f"imputed_space must be arcsinh or pval, got {imputed_space!r}.")
+    spaces.check(space)
+    spaces.check(imputed_space, "imputed_space")
     truth_tracks = read_truth(truth)
     preds = imputed_paths(imputed, truth_tracks, imputed_space)
     st = None
@@ -649,7 +547,8 @@ def evaluate(
     if plots:
         from . import plots as _plots
 
-        files.update(_plots.write_all(out, rows, summary, metrics, jobs))
+        browsers = browser_panels(jobs, _plots.MAX_BROWSERS, _plots.BROWSER_BINS)
+        files.update(_plots.write_all(out, rows, summary, metrics, browsers))
     table = format_table(summary, metrics)
     if not quiet:
         print(table, flush=True)

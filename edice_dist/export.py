@@ -23,30 +23,10 @@ import time
 
 import numpy as np
 
-from . import storage
+from . import runfolder, spaces, storage
 from .errors import EdiceError, InputError
 from .progress import Progress, log
-
-SPACES = ("pval", "arcsinh")
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-def to_space(values: np.ndarray, space: str) -> np.ndarray:
-    """Model outputs (arcsinh(-log10 p)) -> bigWig values.
-
-    ``pval``: sinh, negatives clipped to 0 (SPEC section 3); ``arcsinh``: unchanged.
-    Returns float64 (what pyBigWig takes).
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if space == "arcsinh":
-        return v
-    if space == "pval":
-        return np.maximum(np.sinh(v), 0.0)
-    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-
-
-def bigwig_name(record: dict) -> str:
-    return f"{record['track_id']}.bigWig"
+from .runfolder import bigwig_name
 
 
 def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
@@ -75,7 +55,7 @@ def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
     bin_size = int(attrs["bin_size"])
     chroms = attrs["chroms"]
     step = int(attrs["chunk_bins"])
-    name = bigwig_name(rec)
+    name = bigwig_name(rec["track_id"])
     if storage.is_url(dest):
         tmpdir = tempfile.mkdtemp(prefix="edice-export-")
         tmp = os.path.join(tmpdir, name)
@@ -99,7 +79,7 @@ def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
                                  f"({len(attrs['targets'])}, {nb}): the output store is damaged.")
             for start in range(0, nb, step):
                 stop = min(start + step, nb)
-                vals = to_space(arr[k, start:stop], space)
+                vals = spaces.to_space(arr[k, start:stop], space)
                 bad = ~np.isfinite(vals)
                 if bad.any():
                     first = start + int(np.argmax(bad))
@@ -139,7 +119,8 @@ def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
 def _manifest(records: list[dict]) -> str:
     lines = ["cell_type\tassay\tindividual\tpath"]
     for r in records:
-        lines.append(f"{r['cell_type']}\t{r['assay']}\t{r['individual']}\t{bigwig_name(r)}")
+        lines.append(f"{r['cell_type']}\t{r['assay']}\t{r['individual']}\t"
+                     f"{bigwig_name(r['track_id'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -163,44 +144,30 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
     import ray
 
     from . import raycluster
-    from ._partial import partial_path
-    from .impute import OUTPUT_NAME
 
-    if space not in SPACES:
-        raise InputError(f"--space must be one of {', '.join(SPACES)}, got {space!r}.")
-    out_zarr = storage.join(run_dir, OUTPUT_NAME)
-    if not storage.exists(storage.join(out_zarr, "zarr.json")):
-        if storage.exists(storage.join(run_dir, partial_path(OUTPUT_NAME))):
-            raise EdiceError(
-                f"The imputation in {run_dir} is not finished ({partial_path(OUTPUT_NAME)} "
-                "exists). Run the same `edice impute` command again to complete it; it exports "
-                "at the end."
-            )
-        raise InputError(f"{run_dir} holds no imputation output ({out_zarr} is missing). "
-                         "Run `edice impute --out RUN_DIR` first.")
-    import zarr
-
-    attrs = dict(zarr.open_group(storage.zarr_store(out_zarr, read_only=True), mode="r").attrs)
+    spaces.check(space)
+    out_zarr, attrs = runfolder.finished_output(run_dir)
     records = attrs["targets"]
+    files = [bigwig_name(r["track_id"]) for r in records]
     bins = sum(int(c["n_bins"]) for c in attrs["chroms"])
-    bw_dir = storage.join(run_dir, "bigwig")
+    bw_dir = runfolder.bigwig_dir(run_dir)
     storage.makedirs(bw_dir)
-    info_path = storage.join(bw_dir, "export.json")
+    info_path = storage.join(bw_dir, runfolder.EXPORT_JSON)
     names = set(storage.list_dir(bw_dir))
     if storage.exists(info_path) and not force:
         before = json.loads(storage.read_text(info_path)).get("space")
-        if before != space and any(bigwig_name(r) in names for r in records):
+        if before != space and any(f in names for f in files):
             raise InputError(
                 f"The bigWigs in {bw_dir} hold {before} values; rewrite them as {space} with "
                 f"`edice export {run_dir} --space {space} --force`."
             )
     if force:  # so that an interrupted forced export never leaves files of two spaces
-        for r in records:
-            if bigwig_name(r) in names:
-                storage.remove(storage.join(bw_dir, bigwig_name(r)))
+        for f in files:
+            if f in names:
+                storage.remove(storage.join(bw_dir, f))
         names = set()
     storage.write_text_atomic(info_path, json.dumps({"space": space, "run": run_dir}) + "\n")
-    todo = [k for k, r in enumerate(records) if bigwig_name(r) not in names]
+    todo = [k for k, f in enumerate(files) if f not in names]
     t0 = time.monotonic()
     if todo:
         raycluster.init()
@@ -215,7 +182,7 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
             while queue or running:
                 while queue and len(running) < n:
                     k = queue.pop(0)
-                    dest = storage.join(bw_dir, bigwig_name(records[k]))
+                    dest = storage.join(bw_dir, files[k])
                     running[task.remote(out_zarr, k, dest, space)] = k
                 ready, _ = ray.wait(list(running), num_returns=1)
                 running.pop(ready[0])
@@ -230,10 +197,11 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
             for ref in running:
                 ray.cancel(ref, force=True)
     secs = time.monotonic() - t0
-    storage.write_text_atomic(storage.join(bw_dir, "manifest.tsv"), _manifest(records))
+    manifest = storage.join(bw_dir, runfolder.BIGWIG_MANIFEST)
+    storage.write_text_atomic(manifest, _manifest(records))
     rate = len(todo) * bins / secs if todo and secs > 0 else 0.0
     if todo:
         log(f"exported {len(todo)} bigWig(s) x {bins:,} bins in {secs:.1f} s: "
-            f"{rate:,.0f} bins/s; manifest {storage.join(bw_dir, 'manifest.tsv')}")
+            f"{rate:,.0f} bins/s; manifest {manifest}")
     return {"files": len(todo), "skipped": len(records) - len(todo), "bins": bins,
-            "seconds": secs, "bins_per_s": rate, "manifest": storage.join(bw_dir, "manifest.tsv")}
+            "seconds": secs, "bins_per_s": rate, "manifest": manifest}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import storage
+from . import runfolder, storage
 from .errors import InputError
 
 
@@ -11,10 +11,8 @@ def describe(path: str) -> str:
         from .checkpoint import describe as describe_model
 
         return describe_model(path)
-    if storage.exists(storage.join(path, "run.json")):
-        from .impute import describe_run
-
-        return describe_run(path)
+    if runfolder.is_run(path):
+        return runfolder.describe(path)
     if storage.exists(storage.join(path, "zarr.json")):
         from .store import describe as describe_store
 

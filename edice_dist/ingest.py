@@ -17,8 +17,8 @@ chromosome sizes, chunk size, dtype, codec); a re-run with other inputs starts t
 again. The finished store keeps the fingerprint in its attributes, so re-running a
 completed ingest is a no-op.
 
-``EDICE_INGEST_FAULT=<chrom>:<chunk>`` makes the task that reaches that chunk fail before
-writing it (used by the tests to interrupt an ingest part-way).
+The tests interrupt an ingest part-way with the ``ingest_fail_chunk`` fault
+(:mod:`edice_dist._faults`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from . import _partial, progress, storage
+from . import _faults, _partial, progress, storage
 from . import store as store_mod
 from .errors import EdiceError, InputError
 from .genome import Genome, read_chrom_sizes
@@ -138,7 +138,7 @@ def _raise_nofile(n: int) -> None:
 def _encode_partition(partial: str, array_key: str, chrom: str, chunks: list[int],
                       chunk_bins: int, sources: list[tuple[str, str, str]],
                       genome_json: list[dict], bin_size: int, dtype: str,
-                      fault: str | None) -> tuple[int, str | None]:
+                      faults: dict) -> tuple[int, str | None]:
     """Fill ``chunks`` of one chromosome's array and mark each done.
 
     ``sources`` are (path to read, path as the user named it, track label) in column
@@ -165,8 +165,8 @@ def _encode_partition(partial: str, array_key: str, chrom: str, chunks: list[int
                 block = np.empty((b - a, len(srcs)), dtype=dtype, order="F")
                 for j, s in enumerate(srcs):
                     block[:, j] = np.arcsinh(s.binned(chrom, a, b, bin_size))
-                if fault == f"{chrom}:{ci}":
-                    raise RuntimeError(f"fault injected at {chrom} chunk {ci} (EDICE_INGEST_FAULT)")
+                if _faults.at_chunk(faults, "ingest_fail_chunk", chrom, ci):
+                    raise RuntimeError(f"fault injected at {chrom} chunk {ci} ({_faults.ENV})")
                 arr[a:b, :] = np.ascontiguousarray(block)
                 _partial.mark_done(partial, array_key, ci)
                 written += 1
@@ -338,7 +338,7 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
     task = _remote(_encode_partition, num_cpus=1, max_retries=3)
     srcs = [(read_paths[i], t.path, t.track_id) for i, t in enumerate(tracks)]
     gj = genome.to_json()
-    fault = os.environ.get("EDICE_INGEST_FAULT") or None
+    faults = _faults.active()
     bar = progress.Progress(todo, "encode", unit="chunks")
     pending, in_flight = list(parts), {}
     failure: EdiceError | None = None
@@ -346,7 +346,7 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
         while pending and len(in_flight) < cap:
             key, chrom, idx = pending.pop(0)
             ref = task.remote(partial, key, chrom, idx, chunk_bins, srcs, gj,
-                              genome.bin_size, dtype, fault)
+                              genome.bin_size, dtype, faults)
             in_flight[ref] = (chrom, idx)
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         chrom, idx = in_flight.pop(ready[0])

@@ -10,10 +10,13 @@ One YAML or JSON file drives every job (``jobs/ingest.py``, ``jobs/train.py``,
     train:    {epochs: 10, seed: 0}      # training config keys (SPEC section 6)
     impute:   {targets: "K562:H3K27ac"}
 
-Every path may be a local path or a URL (``s3://...``). Relative local paths resolve
-against the config file's folder. :func:`edice_dist.preflight.preflight` checks, before any work starts, that
-every input exists and every output location can be written, so that a job on a
-cluster fails in seconds with a message rather than after an hour of ingest.
+A stage's section holds the options of ``edice <stage>`` (:mod:`edice_dist.stages`;
+YAML values, typed), and the stages run through the same stage runner as the command
+line. Every path may be a local path or a URL (``s3://...``). Relative local paths
+resolve against the config file's folder. :func:`edice_dist.preflight.preflight` checks,
+before any work starts, that every input exists and every output location can be
+written, so that a job on a cluster fails in seconds with a message rather than after an
+hour of ingest.
 """
 
 from __future__ import annotations
@@ -22,30 +25,22 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from . import storage
-from ._configfile import parse_mapping
+from . import config, runfolder, stages, storage
+from .config import Source, option
 from .errors import EdiceError, InputError
 
 PATH_KEYS = ("out", "manifest", "chrom_sizes", "store", "model", "run")
 """Top-level keys that hold a path or URL."""
 
-SECTION_KEYS: dict[str, tuple[str, ...]] = {
-    # Open sections also accept the keys of SimConfig / TrainConfig (checked when those
-    # modules can be imported).
-    "simulate": ("out", "seed", "individuals"),
-    "ingest": ("chroms", "chunk_bins", "dtype", "workers", "force"),
-    "train": ("config_file", "resume"),
-    "impute": ("targets", "chroms", "force", "workers", "gpus", "space", "export",
-               "batch_bins"),
-    "evaluate": ("truth", "out", "space", "plots"),
-    "cluster": ("gpus", "gpu_wait_s"),
-}
-OPEN_SECTIONS = {"simulate": ("edice_dist.simulate", "SimConfig"),
-                 "train": ("edice_dist.train", "TrainConfig")}
-
 STAGES = ("simulate", "ingest", "train", "impute", "evaluate")
-"""Stages in the order a pipeline runs them."""
+"""Stages in the order a pipeline runs them; each has a section of its options."""
+SECTION_PATHS = {"simulate": ("out",), "evaluate": ("truth", "out")}
+"""Path keys of a stage's section, besides its options (the other paths are top-level)."""
+OPEN_STAGES = ("simulate", "train")
+"""Sections whose values are checked by :func:`edice_dist.preflight.preflight` (they may
+read files), not when the config loads."""
 GPU_STAGES = ("train", "impute")
 DEFAULT_GPU_WAIT_S = 1800
 
@@ -53,34 +48,16 @@ PROBE_CONNECT_TIMEOUT_S = 5
 PROBE_READ_TIMEOUT_S = 10
 
 
+@dataclass(frozen=True)
+class ClusterOptions:
+    """The ``cluster`` section."""
+
+    gpus: int = option(0, "GPUs to ask the autoscaler for before training or imputation",
+                       minimum=0)
+    gpu_wait_s: int = option(DEFAULT_GPU_WAIT_S, "how long to wait for them", minimum=1)
+
+
 # ----------------------------------------------------------------------------- loading
-
-
-def _parse(text: str, path: str) -> dict:
-    return parse_mapping(text, path, "Job config")
-
-
-def _open_fields(section: str) -> tuple[str, ...] | None:
-    """Field names of SimConfig / TrainConfig, or None when the module is not importable."""
-    module, cls = OPEN_SECTIONS[section]
-    try:
-        import importlib
-
-        klass = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError):
-        return None
-    if dataclasses.is_dataclass(klass):
-        return tuple(f.name for f in dataclasses.fields(klass) if not f.name.startswith("_"))
-    return None
-
-
-def _unknown(keys: Iterable[str], valid: Iterable[str], where: str, path: str) -> None:
-    bad = sorted(set(keys) - set(valid))
-    if bad:
-        raise InputError(
-            f"Job config {path}: unknown key(s) {', '.join(bad)} in {where}. Valid keys "
-            f"there are: {', '.join(sorted(valid))}."
-        )
 
 
 def _resolve(value, key: str, base: str, path: str) -> str | None:
@@ -98,45 +75,41 @@ def _resolve(value, key: str, base: str, path: str) -> str | None:
     return os.path.normpath(os.path.join(base, value))
 
 
-def _as_list(value, key: str, path: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        items = [v.strip() for v in value.replace(",", " ").split()]
-    elif isinstance(value, list) and all(isinstance(v, str | int) for v in value):
-        items = [str(v) for v in value]
-    else:
-        raise InputError(f"Job config {path}: {key} must be a list of names, got {value!r}.")
-    return [v for v in items if v] or None
-
-
-def _as_int(value, key: str, path: str, minimum: int = 1) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"Job config {path}: {key} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _as_bool(value, key: str, path: str, default: bool | None) -> bool | None:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InputError(f"Job config {path}: {key} must be true or false, got {value!r}.")
-    return value
-
-
-def _as_choice(value, key: str, path: str, choices: tuple[str, ...]) -> str | None:
-    if value is None:
-        return None
-    if value not in choices:
-        raise InputError(f"Job config {path}: {key} must be one of {', '.join(choices)}, got {value!r}.")
-    return value
-
-
-def _is_targets_file(spec: str) -> bool:
+def is_targets_file(spec: str) -> bool:
     """A targets TSV (path or URL) rather than a list ``cell:assay,...``."""
     return storage.is_url(spec) or spec.endswith((".tsv", ".txt")) or ":" not in spec
+
+
+def section_label(path: str, section: str) -> str:
+    return f"job config {path}, the {section} section"
+
+
+def _section(name: str, sec: dict, base: str, path: str) -> dict:
+    """One stage's section: keys checked; paths resolved; the options of a closed stage
+    typed, with their defaults filled in."""
+    where, prefix = section_label(path, name), f"{name}."
+    job_paths = SECTION_PATHS.get(name, ())
+    stages.check_keys(name, sec, where, prefix, extra=job_paths)
+    sec = {k.replace("-", "_"): v for k, v in sec.items()}
+    for f in dataclasses.fields(stages.stage(name).options):
+        if f.metadata.get("path") and sec.get(f.name) is not None:
+            sec[f.name] = _resolve(sec[f.name], prefix + f.name, base, path)
+    if name == "impute":
+        t = sec.get("targets")
+        if isinstance(t, list):
+            sec["targets"] = ",".join(str(x) for x in t)
+        elif t is not None and not isinstance(t, str):
+            raise InputError(
+                f"Job config {path}: impute.targets must be a file, a list of cell:assay or a "
+                f"string cell:assay,cell:assay, got {t!r}."
+            )
+        elif isinstance(t, str) and is_targets_file(t):
+            sec["targets"] = _resolve(t, "impute.targets", base, path)
+    own = {k: sec.pop(k) for k in job_paths if k in sec}
+    if name not in OPEN_STAGES:
+        sec = dataclasses.asdict(stages.prepare(name, sec, where=where, prefix=prefix,
+                                                text=False))
+    return {**sec, **{k: _resolve(v, prefix + k, base, path) for k, v in own.items()}}
 
 
 def load_job_config(path: str) -> dict:
@@ -155,7 +128,9 @@ def load_job_config(path: str) -> dict:
         ``train``, ``impute``, ``evaluate``, ``cluster``; None when the file has no such
         section) and ``config_path``. ``store``/``model``/``run`` default to
         ``OUT/store``, ``OUT/model``, ``OUT/run``; with a ``simulate`` section,
-        ``manifest`` and ``chrom_sizes`` default to the simulated ones.
+        ``manifest`` and ``chrom_sizes`` default to the simulated ones. The sections of
+        ingest, impute, evaluate and cluster hold every option, typed; those of simulate
+        and train the keys given (:func:`edice_dist.preflight.preflight` checks them).
 
     Raises
     ------
@@ -173,12 +148,12 @@ def load_job_config(path: str) -> dict:
         raise InputError(f"Job config {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"Cannot read job config {path}: {e}.") from None
-    raw = _parse(text, str(path))
-    _unknown(raw, (*PATH_KEYS, *SECTION_KEYS), "the top level", path)
+    raw = config.parse_mapping(text, str(path), "Job config")
+    config.check_keys(raw, (*PATH_KEYS, *STAGES, "cluster"), f"job config {path}, the top level")
     base = storage.parent(path) if storage.is_url(path) else os.path.dirname(os.path.abspath(path))
     cfg: dict = {k: _resolve(raw.get(k), k, base, path) for k in PATH_KEYS}
 
-    for name, fixed in SECTION_KEYS.items():
+    for name in (*STAGES, "cluster"):
         if name not in raw:
             cfg[name] = None
             continue
@@ -190,74 +165,31 @@ def load_job_config(path: str) -> dict:
                 f"Job config {path}: {name} must be a mapping of options (or {{}} for the "
                 f"defaults), got {sec!r}."
             )
-        valid: tuple[str, ...] = fixed
-        if name in OPEN_SECTIONS:
-            fields = _open_fields(name)
-            valid = fixed + (fields if fields is not None else tuple(sec))
-        _unknown(sec, valid, f"the {name} section", path)
-        cfg[name] = dict(sec)
+        if name == "cluster":
+            cfg[name] = dataclasses.asdict(config.load(
+                ClusterOptions, Source(sec, section_label(path, name), text=False, prefix="cluster.")))
+        else:
+            cfg[name] = _section(name, sec, base, path)
 
-    if cfg["ingest"] is not None:
-        s = cfg["ingest"]
-        s["chroms"] = _as_list(s.get("chroms"), "ingest.chroms", path)
-        s["chunk_bins"] = _as_int(s.get("chunk_bins"), "ingest.chunk_bins", path)
-        s["workers"] = _as_int(s.get("workers"), "ingest.workers", path)
-        s["dtype"] = _as_choice(s.get("dtype"), "ingest.dtype", path, ("float16", "float32"))
-        s["force"] = _as_bool(s.get("force"), "ingest.force", path, False)
-    if cfg["train"] is not None:
-        s = cfg["train"]
-        s["config_file"] = _resolve(s.get("config_file"), "train.config_file", base, path)
-        s["resume"] = _as_bool(s.get("resume"), "train.resume", path, None)
-    if cfg["impute"] is not None:
-        s = cfg["impute"]
-        t = s.get("targets")
-        if isinstance(t, list):
-            s["targets"] = ",".join(str(x) for x in t)
-        elif t is not None and not isinstance(t, str):
-            raise InputError(
-                f"Job config {path}: impute.targets must be a file, a list of cell:assay or a "
-                f"string cell:assay,cell:assay, got {t!r}."
-            )
-        elif isinstance(t, str) and _is_targets_file(t):
-            s["targets"] = _resolve(t, "impute.targets", base, path)
-        s["chroms"] = _as_list(s.get("chroms"), "impute.chroms", path)
-        s["workers"] = _as_int(s.get("workers"), "impute.workers", path)
-        s["gpus"] = _as_int(s.get("gpus"), "impute.gpus", path, minimum=0)
-        s["batch_bins"] = _as_int(s.get("batch_bins"), "impute.batch_bins", path)
-        s["space"] = _as_choice(s.get("space"), "impute.space", path, ("pval", "arcsinh")) or "pval"
-        s["force"] = _as_bool(s.get("force"), "impute.force", path, False)
-        s["export"] = _as_bool(s.get("export"), "impute.export", path, True)
     if cfg["simulate"] is not None:
         s = cfg["simulate"]
-        out = s.get("out")
-        if out is None:
+        if s.get("out") is None:
             if cfg["out"] is None:
                 raise InputError(
                     f"Job config {path}: the simulate section needs `out:` (where to write "
                     "the consortium), or set `out:` at the top level."
                 )
             s["out"] = storage.join(cfg["out"], "consortium")
-        else:
-            s["out"] = _resolve(out, "simulate.out", base, path)
         cfg["manifest"] = cfg["manifest"] or storage.join(s["out"], "manifest.tsv")
         cfg["chrom_sizes"] = cfg["chrom_sizes"] or storage.join(s["out"], "chrom.sizes")
     if cfg["evaluate"] is not None:
         s = cfg["evaluate"]
-        truth = s.get("truth")
-        if truth is None and cfg["simulate"] is not None:
-            truth = storage.join(cfg["simulate"]["out"], "truth", "targets.tsv")
-            s["truth"] = truth
-        else:
-            s["truth"] = _resolve(truth, "evaluate.truth", base, path)
-        s["out"] = _resolve(s.get("out"), "evaluate.out", base, path)
-        if s["out"] is None and cfg["out"] is not None:
+        if s.get("truth") is None and cfg["simulate"] is not None:
+            s["truth"] = storage.join(cfg["simulate"]["out"], "truth", "targets.tsv")
+        s.setdefault("truth", None)
+        if s.get("out") is None and cfg["out"] is not None:
             s["out"] = storage.join(cfg["out"], "evaluation")
-        s["space"] = _as_choice(s.get("space"), "evaluate.space", path, ("arcsinh", "pval")) or "arcsinh"
-        s["plots"] = _as_bool(s.get("plots"), "evaluate.plots", path, True)
-    if cfg["cluster"] is not None:
-        s = cfg["cluster"]
-        s["gpus"] = _as_int(s.get("gpus"), "cluster.gpus", path, minimum=0) or 0
-        s["gpu_wait_s"] = _as_int(s.get("gpu_wait_s"), "cluster.gpu_wait_s", path) or DEFAULT_GPU_WAIT_S
+        s.setdefault("out", None)
     if cfg["out"] is not None:
         for key in ("store", "model", "run"):
             cfg[key] = cfg[key] or storage.join(cfg["out"], key)
@@ -279,16 +211,7 @@ def stages_for(job: str, cfg: dict) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- running
 
 
-def _train_overrides(opts: dict) -> dict[str, str]:
-    out = {}
-    for k, v in opts.items():
-        if k in SECTION_KEYS["train"] or v is None:
-            continue
-        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
-    return out
-
-
-def run_stages(cfg: dict, stages: Iterable[str]) -> dict:
+def run_stages(cfg: dict, names: Iterable[str]) -> dict:
     """Run ``stages`` in order with the options of ``cfg``; Ray must be initialised.
 
     With ``cluster.gpus`` set, the autoscaler is asked for that many GPUs before the first
@@ -302,17 +225,17 @@ def run_stages(cfg: dict, stages: Iterable[str]) -> dict:
     """
     from .progress import log
 
-    stages = tuple(stages)
+    names = tuple(names)
     done: dict[str, str] = {}
     want_gpus = (cfg.get("cluster") or {}).get("gpus", 0)
     requested = False
     try:
-        for i, stage in enumerate(stages, 1):
-            if stage in GPU_STAGES and want_gpus and not requested:
+        for i, name in enumerate(names, 1):
+            if name in GPU_STAGES and want_gpus and not requested:
                 requested = True
                 wait_for_gpus(want_gpus, cfg["cluster"]["gpu_wait_s"])
-            log(f"=== [{i}/{len(stages)}] {stage}")
-            _run_stage(cfg, stage, done)
+            log(f"=== [{i}/{len(names)}] {name}")
+            done[name] = _run_stage(cfg, name)
     finally:
         if requested:
             release_gpus()
@@ -369,44 +292,32 @@ def release_gpus() -> None:
     request_resources(bundles=[])
 
 
-def _run_stage(cfg: dict, stage: str, done: dict) -> None:
-    """Run one stage; record what it wrote in ``done``."""
-    opts = cfg.get(stage) or {}
-    if stage == "simulate":
-        from .simulate import SimConfig, simulate
+def stage_paths(cfg: dict, name: str) -> dict[str, str | None]:
+    """The paths stage ``name`` reads and writes, from the top level of ``cfg`` and (for
+    simulate and evaluate) its section."""
+    sec = cfg.get(name) or {}
+    return {
+        "simulate": lambda: {"out": sec.get("out")},
+        "ingest": lambda: {"manifest": cfg["manifest"], "chrom_sizes": cfg["chrom_sizes"],
+                           "out": cfg["store"]},
+        "train": lambda: {"store": cfg["store"], "out": cfg["model"]},
+        "impute": lambda: {"store": cfg["store"], "model": cfg["model"], "out": cfg["run"]},
+        "evaluate": lambda: {"truth": sec.get("truth"),
+                             "imputed": runfolder.bigwig_dir(cfg["run"]),
+                             "store": cfg["store"], "out": sec.get("out")},
+    }[name]()
 
-        over = {k: str(v) for k, v in opts.items() if k != "out" and v is not None}
-        simulate(opts["out"], SimConfig.from_overrides(over))
-        done[stage] = opts["out"]
-    elif stage == "ingest":
-        from .ingest import ingest
 
-        ingest(cfg["manifest"], cfg["chrom_sizes"], cfg["store"], force=opts.get("force", False),
-               chroms=opts.get("chroms"), chunk_bins=opts.get("chunk_bins"),
-               dtype=opts.get("dtype"), workers=opts.get("workers"))
-        done[stage] = cfg["store"]
-    elif stage == "train":
-        from .train import load_config, train
+def stage_options(cfg: dict, name: str) -> dict:
+    """The options of stage ``name`` in ``cfg`` (its section without its path keys)."""
+    sec = cfg.get(name) or {}
+    return {k: v for k, v in sec.items() if k not in SECTION_PATHS.get(name, ())}
 
-        tcfg = load_config(opts.get("config_file"), _train_overrides(opts))
-        # An interrupted run resumes by itself; resume=True trains a finished one further.
-        train(cfg["store"], cfg["model"], tcfg, resume=bool(opts.get("resume")))
-        done[stage] = cfg["model"]
-    elif stage == "impute":
-        from .impute import impute
 
-        impute(cfg["store"], cfg["model"], cfg["run"], targets=opts.get("targets"),
-               chroms=opts.get("chroms"), force=opts.get("force", False),
-               workers=opts.get("workers"), gpus=opts.get("gpus"),
-               space=opts.get("space", "pval"), export=opts.get("export", True),
-               batch_bins=opts.get("batch_bins"))
-        done[stage] = cfg["run"]
-    elif stage == "evaluate":
-        from .evaluate import evaluate
-
-        evaluate(opts["truth"], storage.join(cfg["run"], "bigwig"), store=cfg["store"],
-                 out=opts.get("out"), space=opts.get("space", "arcsinh"),
-                 plots=opts.get("plots", True))
-        done[stage] = opts.get("out") or ""
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
+def _run_stage(cfg: dict, name: str) -> str:
+    """Run one stage through the stage runner; return the path it wrote."""
+    paths = stage_paths(cfg, name)
+    stages.run_stage(name, paths, stage_options(cfg, name),
+                     where=section_label(cfg.get("config_path", "?"), name), prefix=f"{name}.",
+                     text=False)
+    return paths["out"] or ""

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import storage
-from .metrics import call_peaks, lower_is_better
+from .metrics import lower_is_better
 
 COLORS = {"truth": "#222222", "model": "#1f77b4", "AVG": "#ff7f0e", "TrackAVG": "#2ca02c"}
 BROWSER_BINS = 2000
@@ -141,54 +141,22 @@ def browser(panel: dict[str, np.ndarray], chrom: str, start_bin: int, bin_size: 
     return _save(fig, path)
 
 
-def _browser_for(out: str, track_jobs: list) -> str:
-    """Read the window around the truth's highest bin on the first chromosome."""
-    from .evaluate import baseline_window, to_space
-    from .genome import bed_bin_mask, read_bed
-    from .sources import open_source
-    from .store import open_store
-
-    job = next(j for j in track_jobs if j.method == "model")
-    g, t = job.genome, job.track
-    chrom = g.chroms[0]
-    nb = g.n_bins(chrom)
-    with open_source(t.path, g, label=t.track_id) as src:
-        best, best_at = -np.inf, 0
-        for s in range(0, nb, job.read_bins):
-            v = src.binned(chrom, s, min(s + job.read_bins, nb))
-            if len(v) and v.max() > best:
-                best, best_at = float(v.max()), s + int(np.argmax(v))
-        a = max(0, min(best_at - BROWSER_BINS // 2, nb - BROWSER_BINS))
-        b = min(nb, a + BROWSER_BINS)
-        pval = src.binned(chrom, a, b)
-    panel = {"truth": to_space(pval, "pval", job.space)}
-    for j in track_jobs:
-        if j.method == "model":
-            with open_source(j.pred_path, g, label=f"imputed {t.track_id}") as src:
-                panel["model"] = to_space(src.binned(chrom, a, b), j.pred_space, j.space)
-        else:
-            panel[j.method] = baseline_window(open_store(j.store), chrom, a, b, j.columns, j.space)
-    if t.peaks:
-        peaks = bed_bin_mask(read_bed(t.peaks, g).get(chrom), a, b, g.bin_size)
-    else:
-        peaks = call_peaks(pval)
-    return browser(panel, chrom, a, g.bin_size, storage.join(out, f"browser_{t.track_id}.png"),
-                   peaks=peaks, title=f"{t.track_id} ({t.cell_type} {t.assay})",
-                   ylabel=job.space)
-
-
 def write_all(out: str, rows: list[dict], summary: list[dict], metrics: list[str],
-              jobs: list, max_browsers: int = MAX_BROWSERS) -> dict[str, str]:
-    """Every plot of an evaluation; returns ``{file name: path}``."""
+              browsers: list[dict]) -> dict[str, str]:
+    """Every plot of an evaluation; returns ``{file name: path}``.
+
+    ``browsers`` are the genome-browser panels to draw, each a dict of ``track_id`` and the
+    arguments of :func:`browser` (see :func:`edice_dist.evaluate.browser_panels`).
+    """
     files = {"metrics_by_assay.png": assay_bars(summary, metrics,
                                                 storage.join(out, "metrics_by_assay.png"))}
     for baseline in ("AVG", "TrackAVG"):
         if any(r["method"] == baseline for r in rows):
             name = f"scatter_model_vs_{baseline}.png"
             files[name] = model_vs_baseline(rows, metrics, baseline, storage.join(out, name))
-    by_track: dict[str, list] = {}
-    for j in jobs:
-        by_track.setdefault(j.track.track_id, []).append(j)
-    for tid in list(by_track)[:max_browsers]:
-        files[f"browser_{tid}.png"] = _browser_for(out, by_track[tid])
+    for b in browsers:
+        name = f"browser_{b['track_id']}.png"
+        files[name] = browser(b["panel"], b["chrom"], b["start_bin"], b["bin_size"],
+                              storage.join(out, name), peaks=b["peaks"], title=b["title"],
+                              ylabel=b["ylabel"])
     return files

@@ -9,14 +9,16 @@ import os
 import uuid
 from collections.abc import Callable, Iterable
 
-from . import storage
+from . import runfolder, storage
+from . import stages as stages_mod
 from .errors import EdiceError
 from .jobconfig import (
     PROBE_CONNECT_TIMEOUT_S,
     PROBE_READ_TIMEOUT_S,
     STAGES,
-    _is_targets_file,
-    _train_overrides,
+    is_targets_file,
+    section_label,
+    stage_options,
 )
 
 
@@ -258,11 +260,15 @@ def preflight(cfg: dict, stages: Iterable[str] = ("ingest", "train", "impute")) 
         return cfg.get(key)
 
     made = set()
-    if "simulate" in stages:
-        from .simulate import SimConfig
+    def settings(stage: str) -> None:
+        """The stage's options as the stage runner will take them (files read too)."""
+        chk.parse(lambda: stages_mod.prepare(stage, stage_options(cfg, stage),
+                                             where=section_label(src, stage),
+                                             prefix=f"{stage}.", text=False),
+                  f"the {stage} section")
 
-        sim = {k: str(v) for k, v in cfg["simulate"].items() if k != "out" and v is not None}
-        chk.parse(lambda: SimConfig.from_overrides(sim), "the simulate section")
+    if "simulate" in stages:
+        settings("simulate")
         chk.writable(cfg["simulate"]["out"], "Simulation output folder")
         made |= {"manifest", "chrom_sizes"}
     if "ingest" in stages:
@@ -291,11 +297,7 @@ def preflight(cfg: dict, stages: Iterable[str] = ("ingest", "train", "impute")) 
         opts = cfg.get("train") or {}
         if not opts.get("config_file") or chk.file_exists(
                 opts["config_file"], "Training config file", "Fix train.config_file or remove it."):
-            from .train import load_config
-
-            # Bad training settings fail now, not after an ingest of hours.
-            chk.parse(lambda: load_config(opts.get("config_file"), _train_overrides(opts)),
-                      "the train section")
+            settings("train")  # bad training settings fail now, not after an ingest of hours
         chk.writable(model, "Model folder")
         made.add("model")
     if "impute" in stages:
@@ -306,7 +308,7 @@ def preflight(cfg: dict, stages: Iterable[str] = ("ingest", "train", "impute")) 
             chk.file_exists(storage.join(model, "model.pt"), "Trained model",
                             f"Train one into {model} first (jobs/train.py), or fix `model:`.")
         targets = (cfg.get("impute") or {}).get("targets")
-        if targets and _is_targets_file(targets):
+        if targets and is_targets_file(targets):
             chk.file_exists(targets, "Targets file",
                             "impute.targets is a TSV with cell_type and assay, or cell:assay,...")
         chk.writable(run, "Run folder")
@@ -319,8 +321,9 @@ def preflight(cfg: dict, stages: Iterable[str] = ("ingest", "train", "impute")) 
         elif "simulate" not in stages:
             chk.file_exists(opts["truth"], "Truth manifest", "Fix evaluate.truth.")
         if "run" not in made and cfg.get("run"):
-            chk.file_exists(storage.join(cfg["run"], "bigwig", "manifest.tsv"), "Imputed bigWigs",
-                            "Run the impute stage first.")
+            chk.file_exists(storage.join(runfolder.bigwig_dir(cfg["run"]),
+                                         runfolder.BIGWIG_MANIFEST),
+                            "Imputed bigWigs", "Run the impute stage first.")
         chk.writable(opts.get("out"), "Evaluation folder")
     if chk.problems:
         lines = "\n".join(f"  - {p}" for p in chk.problems)

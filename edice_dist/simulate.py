@@ -81,11 +81,11 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import BIN_SIZE, __version__, storage
+from . import BIN_SIZE, __version__, config, storage
 from ._partial import partial_path
 from .errors import InputError
 from .genome import Genome, read_chrom_sizes, write_chrom_sizes
@@ -189,18 +189,7 @@ class SimConfig:
             For an unknown key (the message lists the valid ones) or a value that does not
             convert.
         """
-        types = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(k for k in d if k.replace("-", "_") not in types)
-        if unknown:
-            raise InputError(
-                f"Unknown simulate setting(s) {', '.join(unknown)}. Valid settings: "
-                f"{', '.join(types)}."
-            )
-        kwargs = {}
-        for k, v in d.items():
-            k = k.replace("-", "_")
-            kwargs[k] = _convert(k, v, types[k])
-        return cls(**kwargs)
+        return config.load(cls, config.Source(d), noun=("simulate setting", "settings"))
 
     def _validate(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -291,28 +280,6 @@ class SimConfig:
         d.pop("workers")
         d.pop("force")
         return d
-
-
-def _convert(key: str, value: str, typ: str):
-    typ = typ if isinstance(typ, str) else typ.__name__
-    try:
-        if typ == "bool":
-            v = str(value).strip().lower()
-            if v in ("1", "true", "yes", "on"):
-                return True
-            if v in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ == "int":
-            f = float(str(value).replace("_", ""))
-            if f != int(f):
-                raise ValueError
-            return int(f)
-        if typ == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise InputError(f"Simulate setting {key}: {value!r} is not a valid {typ}.") from None
 
 
 def _rng(*key: int) -> np.random.Generator:

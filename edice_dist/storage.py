@@ -153,6 +153,22 @@ def read_input(path: str, what: str) -> str:
         raise InputError(f"Cannot read {what} {path}: {e}.") from None
 
 
+def read_json(path: str, hint: str) -> dict | None:
+    """A JSON record (a run's ``run.json``, a model folder's ``train.json``); None when the
+    file does not exist, an InputError naming it and ending with ``hint`` (what to do) when
+    it cannot be read."""
+    import json
+
+    from .errors import InputError
+
+    if not exists(path):
+        return None
+    try:
+        return json.loads(read_text(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is unreadable ({e}). {hint}") from None
+
+
 def read_bytes(path: str) -> bytes:
     with fsspec.open(_strip_file(path) if not is_url(path) else path, "rb",
                      **storage_options(path)) as f:

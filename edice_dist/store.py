@@ -7,6 +7,7 @@ arcsinh(-log10 p) in 25 bp bins; the store is written by :mod:`edice_dist.ingest
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -154,6 +155,27 @@ class TrackStore:
 
     def track_ids(self) -> list[str]:
         return [t.track_id for t in self.tracks]
+
+    def identity(self) -> dict:
+        """What identifies this store's data, for provenance and to notice a changed store.
+
+        Returns
+        -------
+        dict
+            ``path``, ``tracks`` (``track_id:split`` in column order), ``chroms``
+            (``[name, n_bins]``), ``transform`` and ``bin_size``: readable, and equal for two
+            ingests of the same tracks; and ``sha256``, a digest of every root attribute,
+            which also changes when the store is ingested again (it records when).
+        """
+        digest = hashlib.sha256(json.dumps(self.attrs, sort_keys=True, default=str).encode())
+        return {
+            "path": self.path,
+            "tracks": [f"{t.track_id}:{t.split}" for t in self.tracks],
+            "chroms": [[c["name"], c["n_bins"]] for c in self.attrs["chroms"]],
+            "transform": self.transform,
+            "bin_size": self.genome.bin_size,
+            "sha256": digest.hexdigest(),
+        }
 
     def split_indices(self, *splits: str) -> np.ndarray:
         """Column indices of the tracks in ``splits``."""

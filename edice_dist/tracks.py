@@ -56,6 +56,12 @@ def cell_key(cell_type: str, individual: str = "") -> str:
     return f"{cell_type}@{individual}" if individual else cell_type
 
 
+def split_cell_key(key: str) -> tuple[str, str]:
+    """``cell_type@individual`` -> (cell_type, individual); plain cell types -> (key, '')."""
+    cell, _, ind = key.partition("@")
+    return cell, ind
+
+
 def track_id(cell_key_: str, assay: str) -> str:
     return f"{cell_key_}-{assay}"
 

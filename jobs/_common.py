@@ -77,7 +77,7 @@ def main(job: str, summary: str, argv: list[str] | None = None) -> int:
         if path:
             log(f"  {stage:<9} -> {path}")
     if "run" in cfg and "impute" in done and (cfg.get("impute") or {}).get("export", True):
-        from edice_dist import storage
+        from edice_dist import runfolder
 
-        log(f"  bigWigs   -> {storage.join(cfg['run'], 'bigwig')}")
+        log(f"  bigWigs   -> {runfolder.bigwig_dir(cfg['run'])}")
     return 0

@@ -13,10 +13,11 @@ from test_metrics import assert_matches, reference
 
 from edice_dist import store as store_mod
 from edice_dist.errors import InputError
-from edice_dist.evaluate import evaluate, imputed_paths, job_chunks, plan_jobs, read_truth
+from edice_dist.evaluate import evaluate, job_chunks, plan_jobs
 from edice_dist.genome import Genome
 from edice_dist.metrics import METRICS
 from edice_dist.tracks import Track
+from edice_dist.truth import imputed_paths, read_truth
 
 SIZES = {"chrA": 2400 * 25, "chrB": 1100 * 25 + 10}  # chrB's last bin has 10 bases
 GENOME = Genome(tuple(SIZES), tuple(SIZES.values()))

@@ -11,13 +11,16 @@ import pytest
 import torch
 import zarr
 
+from edice_dist import _faults
 from edice_dist import store as S
 from edice_dist._partial import done_set
 from edice_dist.checkpoint import load_model, save_model
 from edice_dist.errors import EdiceError, InputError
 from edice_dist.genome import Genome
-from edice_dist.impute import describe_run, impute, pool_shape
+from edice_dist.impute import impute
+from edice_dist.imputepool import pool_shape
 from edice_dist.model import EDICE, ModelConfig
+from edice_dist.runfolder import describe as describe_run
 from edice_dist.tracks import Track
 
 CHUNK = 64
@@ -145,12 +148,13 @@ def test_bigwigs_equal_direct_forward(world, ray_local, tmp_path):
     assert "8/8 done" in describe_run(run) and f"{len(expected)}/{len(expected)} written" in describe_run(run)
 
 
-def test_killed_actor_gives_identical_output(world, clean_run, tmp_path):
+def test_killed_actor_gives_identical_output(world, clean_run, tmp_path, monkeypatch):
     run = str(tmp_path / "run")
-    marker = str(tmp_path / "died")
+    monkeypatch.setenv(_faults.ENV, json.dumps({"impute_exit_chunk": "chr1:3"}))
     summary = impute(world["store"], world["model"], run, workers=2, export=False,
-                     dtype="bfloat16", _hooks={"die_on": ("chr1", 3), "die_marker": marker})
-    assert os.path.exists(marker)  # the actor did die on that chunk
+                     dtype="bfloat16")
+    marker = os.path.join(run, _faults.MARKER)
+    assert open(marker).read() == "chr1\t3\n"  # the actor did die on that chunk
     assert summary["actor_failures"] == 1
     ref, got = read_output(clean_run[0]), read_output(run)
     assert ref["chr1"].dtype == np.float16  # bf16 compute is stored as float16
@@ -159,11 +163,12 @@ def test_killed_actor_gives_identical_output(world, clean_run, tmp_path):
         np.testing.assert_array_equal(got[chrom], ref[chrom])
 
 
-def test_rerun_computes_only_missing_chunks(world, clean_run, tmp_path):
+def test_rerun_computes_only_missing_chunks(world, clean_run, tmp_path, monkeypatch):
     run = str(tmp_path / "run")
+    monkeypatch.setenv(_faults.ENV, json.dumps({"impute_stop_after": 3}))
     with pytest.raises(EdiceError, match="stopped"):
         impute(world["store"], world["model"], run, workers=2, export=False,
-               dtype="bfloat16", _hooks={"stop_after": 3})
+               dtype="bfloat16")
     part = os.path.join(run, "imputed.zarr.partial")
     done = done_set(part)
     assert 3 <= len(done) < 8
@@ -171,8 +176,9 @@ def test_rerun_computes_only_missing_chunks(world, clean_run, tmp_path):
     assert f"{len(done)}/8 done" in describe_run(run)
 
     log = str(tmp_path / "computed.tsv")
+    monkeypatch.setenv(_faults.ENV, json.dumps({"impute_log": log}))
     summary = impute(world["store"], world["model"], run, workers=2, export=False,
-                     dtype="bfloat16", _hooks={"log": log})
+                     dtype="bfloat16")
     computed = {(c, int(i)) for c, i in (ln.split("\t") for ln in open(log).read().splitlines())}
     every = {(c.chrom, c.index) for c in GENOME.chunks(CHUNK)}
     assert computed == every - done

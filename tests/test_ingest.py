@@ -4,13 +4,14 @@ inputs through the CLI, resume after a failure, --force and re-runs."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 
 import numpy as np
 import pyBigWig
 import pytest
 
-from edice_dist import _partial
+from edice_dist import _faults, _partial
 from edice_dist.cli import main
 from edice_dist.store import open_store
 
@@ -431,7 +432,7 @@ def test_interrupted_ingest_resumes_and_matches_clean_run(consortium, ray_local,
             "--chunk-bins", CHUNK, "--workers", 1]
     out = tmp_path / "store.zarr"
     partial = _partial.partial_path(str(out))
-    monkeypatch.setenv("EDICE_INGEST_FAULT", "chr2:1")
+    monkeypatch.setenv(_faults.ENV, json.dumps({"ingest_fail_chunk": "chr2:1"}))
     rc, err = _ingest([*args, "--out", out], capsys)
     assert rc != 0 and "fault injected" in err and "resumes" in err
     assert not out.exists()
@@ -440,7 +441,7 @@ def test_interrupted_ingest_resumes_and_matches_clean_run(consortium, ray_local,
     before = _chunk_mtimes(partial)
     assert len(before) >= 8
 
-    monkeypatch.delenv("EDICE_INGEST_FAULT")
+    monkeypatch.delenv(_faults.ENV)
     rc, err = _ingest([*args, "--out", out], capsys)
     assert rc == 0 and "resuming: 8 of 13 chunks already written" in err
     assert not os.path.exists(partial)
@@ -463,10 +464,10 @@ def test_changed_inputs_restart_the_partial(consortium, ray_local, tmp_path, cap
     _make_sources(d, seed=5)
     args = [d / "manifest.tsv", "--chrom-sizes", d / "chrom.sizes", "--chunk-bins", CHUNK,
             "--out", tmp_path / "s.zarr"]
-    monkeypatch.setenv("EDICE_INGEST_FAULT", "chr3:0")
+    monkeypatch.setenv(_faults.ENV, json.dumps({"ingest_fail_chunk": "chr3:0"}))
     rc, _ = _ingest(args, capsys)
     assert rc != 0
-    monkeypatch.delenv("EDICE_INGEST_FAULT")
+    monkeypatch.delenv(_faults.ENV)
     _fixed(d / "fixed25.bw", np.random.default_rng(9), 25, ["chr1", "chr2", "chr3"])
     rc, err = _ingest(args, capsys)
     assert rc == 0 and "starting it again" in err and "resuming" not in err

@@ -283,9 +283,7 @@ def _fake_stages(monkeypatch) -> list:
         monkeypatch.setitem(sys.modules, name, m)
 
     mod("edice_dist.ingest", ingest=lambda *a, **k: calls.append(("ingest", a, k)))
-    mod("edice_dist.train",
-        load_config=lambda f, over: calls.append(("load_config", f, over)) or {"cfg": over},
-        train=lambda *a, **k: calls.append(("train", a, k)))
+    mod("edice_dist.train", train=lambda *a, **k: calls.append(("train", a, k)))
     mod("edice_dist.impute", impute=lambda *a, **k: calls.append(("impute", a, k)))
     return calls
 
@@ -303,14 +301,14 @@ def test_run_stages_passes_the_config_on(tmp_path, inputs, monkeypatch):
                                    f"{out}/store"),
                         {"force": False, "chroms": ["chr2"], "chunk_bins": 512,
                          "dtype": "float32", "workers": 3})
-    # Training keys reach load_config as the strings the CLI would pass.
-    assert calls[1] == ("load_config", None, {"epochs": "1", "use_gpu": "false", "lr": "0.001"})
-    assert calls[2] == ("train", (f"{out}/store", f"{out}/model",
-                                  {"cfg": {"epochs": "1", "use_gpu": "false", "lr": "0.001"}}),
-                        {"resume": False})
-    assert calls[3] == ("impute", (f"{out}/store", f"{out}/model", f"{out}/run"),
+    # Training keys reach train typed, in its config (the YAML values, never made text).
+    name, args, kw = calls[1]
+    assert (name, args[:2], kw) == ("train", (f"{out}/store", f"{out}/model"), {"resume": False})
+    assert (args[2].epochs, args[2].use_gpu, args[2].lr) == (1, False, 0.001)
+    assert calls[2] == ("impute", (f"{out}/store", f"{out}/model", f"{out}/run"),
                         {"targets": "A:H3K27ac", "chroms": None, "force": False, "workers": None,
-                         "gpus": 0, "space": "arcsinh", "export": True, "batch_bins": 256})
+                         "gpus": 0, "space": "arcsinh", "export": True, "batch_bins": 256,
+                         "dtype": None})
 
 
 def test_train_resume_flag(tmp_path, inputs, monkeypatch):

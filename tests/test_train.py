@@ -12,17 +12,11 @@ import pytest
 import torch
 from trainstore import make_store
 
-from edice_dist import checkpoint, cli
+from edice_dist import _faults, checkpoint, cli
 from edice_dist.errors import InputError
 from edice_dist.store import open_store
-from edice_dist.train import (
-    FAIL_MARKER,
-    config_keys,
-    finetune,
-    load_config,
-    plan_tracks,
-    train,
-)
+from edice_dist.train import finetune, plan_tracks, train
+from edice_dist.trainconfig import config_keys, load_config
 
 TINY = {"embed_dim": "16", "n_heads": "2", "ffn_dim": "16", "decoder_hidden": "64",
         "batch_size": "64", "val_bins": "1000", "workers": "1", "cpus_per_worker": "1"}
@@ -53,7 +47,9 @@ def test_config_file_and_overrides(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.seed, cfg.use_gpu) == (0.001, 9, 3, True)
     cfg = load_config(str(y), {"bins_per_epoch": "5000", "workers": "auto"})
     assert (cfg.lr, cfg.batch_size, cfg.bins_per_epoch, cfg.workers) == (0.002, 64, 5000, None)
-    assert load_config(None, {"_fail_at_epoch": "2"})._fail_at_epoch == 2
+    # Fault injection is for tests only, through EDICE_TEST_FAULTS: not a config key.
+    with pytest.raises(InputError, match="Unknown config key '_fail_at_epoch'"):
+        load_config(None, {"_fail_at_epoch": "2"})
     # SPEC 6: --gpus and --gpus=N.
     assert load_config(None, {"gpus": "true"}).use_gpu is True
     g = load_config(None, {"gpus": "2"})
@@ -206,16 +202,17 @@ def _numpy_val_check(store_path: str, model_dir: str) -> tuple[float, float]:
     return se_model / n, se_avg / n
 
 
-def test_training_beats_avg_and_survives_a_killed_worker(sim_store, tmp_path):
+def test_training_beats_avg_and_survives_a_killed_worker(sim_store, tmp_path, monkeypatch):
     out = str(tmp_path / "model")
     cfg = load_config(None, {"embed_dim": "32", "ffn_dim": "32", "decoder_hidden": "128",
                              "lr": "3e-3", "epochs": "3", "bins_per_epoch": "12000",
                              "batch_size": "64", "val_bins": "3000", "workers": "2",
-                             "seed": "0", "_fail_at_epoch": "2", "max_failures": "2"})
+                             "seed": "0", "max_failures": "2"})
+    monkeypatch.setenv(_faults.ENV, json.dumps({"train_exit_epoch": 2}))
     res = train(sim_store, out, cfg)
     assert res["status"] == "trained"
-    # The hook fired: one worker exited at epoch 2, Ray Train restarted from epoch 1.
-    assert "epoch 2" in open(os.path.join(out, FAIL_MARKER)).read()
+    # The fault fired: one worker exited at epoch 2, Ray Train restarted from epoch 1.
+    assert "epoch 2" in open(os.path.join(out, _faults.MARKER)).read()
     model, meta = checkpoint.load_model(out)
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
     # ... and the restarted workers continued from the epoch-1 checkpoint.

@@ -1,0 +1,267 @@
+"""The imputation run folder: its layout, ``run.json``, the output store and the bigWig
+names; what ``edice impute`` writes, ``edice export`` and ``edice evaluate`` read and
+``edice info`` describes.
+
+```
+RUN_DIR/
+  run.json            what the run is: store and model fingerprints, targets, chroms, ...
+  imputed.zarr/       Zarr v3 group, one array per chromosome: (n_targets, n_bins),
+                      arcsinh(-log10 p); float16 when computed in bf16 (its rounding is
+                      well below bf16's), float32 when computed in float32; written as
+                      imputed.zarr.partial, then renamed
+  bigwig/             <cell_key>-<assay>.bigWig per target, manifest.tsv, export.json
+```
+
+``run.json`` keys: ``format``, ``format_version``, ``tool_version``, ``store``,
+``store_fingerprint`` (:meth:`TrackStore.identity`'s ``sha256``), ``model``,
+``model_sha256``, ``targets`` (records of :func:`target_records`), ``chroms``,
+``chunk_bins``, ``n_chunks``, ``bins``, ``supports`` (track ids), ``transform``; then
+``created``, ``dtype`` (compute) and ``output_dtype`` when the output store is made, and
+``completed`` and ``device`` when it is finished. A run resumes only when the keys of
+:data:`COMPAT` are unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+
+from . import __version__, storage
+from ._partial import done_set, partial_path
+from .errors import EdiceError, InputError
+from .tracks import cell_key, split_cell_key, track_id
+
+RUN_FORMAT = "edice-imputation-run"
+OUTPUT_FORMAT = "edice-imputation"
+FORMAT_VERSION = 1
+RUN_JSON = "run.json"
+OUTPUT = "imputed.zarr"
+BIGWIG = "bigwig"
+BIGWIG_MANIFEST = "manifest.tsv"
+EXPORT_JSON = "export.json"
+COMPAT = ("store_fingerprint", "model_sha256", "targets", "chroms", "chunk_bins")
+"""Run settings that must match to resume a run folder (the rest is informational)."""
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def bigwig_name(track_id_: str) -> str:
+    """The bigWig file name of a track (SPEC section 3): ``<cell_key>-<assay>.bigWig``."""
+    return f"{track_id_}.bigWig"
+
+
+def bigwig_dir(run_dir: str) -> str:
+    return storage.join(run_dir, BIGWIG)
+
+
+def output_path(run_dir: str) -> str:
+    """The finished output store; it is written at :func:`partial_path` of it first."""
+    return storage.join(run_dir, OUTPUT)
+
+
+def is_run(path: str) -> bool:
+    return storage.exists(storage.join(path, RUN_JSON))
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- run.json
+
+
+def target_records(targets: list[tuple[str, str]], store) -> list[dict]:
+    """The ``targets`` of ``run.json`` and of the output store: one record per
+    (cell_key, assay) with ``cell_type``, ``individual``, ``track_id`` and ``observed``
+    (the split of that pair in ``store``, or "")."""
+    observed = {(t.cell_key, t.assay): t.split for t in store.tracks}
+    out = []
+    for c, a in targets:
+        cell, ind = split_cell_key(c)
+        out.append({"cell_key": c, "assay": a, "cell_type": cell, "individual": ind,
+                    "track_id": track_id(cell_key(cell, ind), a),
+                    "observed": observed.get((c, a), "")})
+    return out
+
+
+def run_info(store, model: str, model_sha256: str, targets: list[dict], chroms: list[str],
+             plan: list, supports: list[str]) -> dict:
+    """The settings part of ``run.json`` (see the module docstring).
+
+    Parameters
+    ----------
+    store : the open TrackStore; model : the model folder.
+    targets : :func:`target_records`; chroms, plan : the run's chromosomes and chunks.
+    supports : track ids of the support tracks.
+    """
+    return {
+        "format": RUN_FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
+        "store": store.path, "store_fingerprint": store.identity()["sha256"],
+        "model": model, "model_sha256": model_sha256,
+        "targets": targets, "chroms": chroms,
+        "chunk_bins": store.chunk_bins, "n_chunks": len(plan),
+        "bins": sum(c.n_bins for c in plan), "supports": supports, "transform": store.transform,
+    }
+
+
+def read(run_dir: str) -> dict | None:
+    """``run.json`` of ``run_dir``; None when there is none."""
+    return storage.read_json(storage.join(run_dir, RUN_JSON),
+                             "Re-run with --force to start this run over.")
+
+
+def write(run_dir: str, info: dict) -> None:
+    storage.write_text_atomic(storage.join(run_dir, RUN_JSON), json.dumps(info, indent=2) + "\n")
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Readable differences between two runs in the keys of :data:`COMPAT`."""
+    out = []
+    for k in COMPAT:
+        if old.get(k) != new.get(k):
+            if k == "targets":
+                o = {(t["cell_key"], t["assay"]) for t in old.get(k) or []}
+                n = {(t["cell_key"], t["assay"]) for t in new[k]}
+                out.append(f"targets ({len(o)} before, {len(n)} now; {len(n - o)} added, "
+                           f"{len(o - n)} removed)")
+            elif k == "model_sha256":
+                out.append(f"model ({old.get('model')} sha256 {str(old.get(k))[:12]} -> "
+                           f"{new['model']} sha256 {new[k][:12]})")
+            elif k == "store_fingerprint":
+                out.append(f"store ({old.get('store')} -> {new['store']}, contents differ)")
+            else:
+                out.append(f"{k} ({old.get(k)} -> {new[k]})")
+    return out
+
+
+def wipe(run_dir: str) -> None:
+    """Remove what a run writes, and nothing else in the folder."""
+    for name in (BIGWIG, OUTPUT, partial_path(OUTPUT), RUN_JSON):
+        storage.remove(storage.join(run_dir, name))
+
+
+def reconcile(run_dir: str, info: dict, force: bool) -> dict | None:
+    """The run already in ``run_dir`` that a run described by ``info`` continues.
+
+    Returns the old ``run.json`` when the run can resume; None when there is nothing to
+    resume (what was there is removed: with ``force``, or output without a ``run.json``,
+    whose settings are unknown).
+
+    Raises
+    ------
+    InputError
+        ``run_dir`` holds a run with other settings and ``force`` is not set.
+    """
+    from .progress import log
+
+    old = read(run_dir)
+    if old is not None:
+        diff = differences(old, info)
+        if diff and not force:
+            raise InputError(
+                f"Run folder {run_dir} holds a run with other settings: {'; '.join(diff)}. "
+                "Use another --out, or add --force to discard that run and start over."
+            )
+        if force:
+            log(f"--force: discarding the run in {run_dir}")
+            wipe(run_dir)
+            return None
+        return old
+    if storage.exists(partial_path(output_path(run_dir))) or storage.exists(output_path(run_dir)):
+        wipe(run_dir)
+    return None
+
+
+# ----------------------------------------------------------------------------- output store
+
+
+def create_output(path: str, store, chroms: list[str], targets: list[dict], chunk_bins: int,
+                  attrs: dict, dtype: str = "float32"):
+    """Create the output group at ``path`` (a ``.partial`` folder): one ``dtype`` array per
+    chromosome, shape (n_targets, n_bins), filled with NaN until computed.
+
+    Each shard is (n_targets, chunk_bins), owned by one writer; its inner chunks are
+    (1, chunk_bins) so that the reducer reads one target without decoding the others.
+    """
+    import zarr
+
+    K = len(targets)
+    root = zarr.open_group(storage.zarr_store(path), mode="w", zarr_format=3)
+    meta = []
+    for c in store.attrs["chroms"]:
+        if c["name"] not in chroms:
+            continue
+        nb = int(c["n_bins"])
+        cb = min(chunk_bins, max(nb, 1))
+        root.create_array(c["array"], shape=(K, nb), chunks=(1, cb), shards=(K, cb),
+                          dtype=dtype, fill_value=float("nan"), compressors=None,
+                          dimension_names=("target", "bin"), write_data=False)
+        meta.append({"name": c["name"], "size": int(c["size"]), "n_bins": nb, "array": c["array"]})
+    root.attrs.update({"format": OUTPUT_FORMAT, "format_version": FORMAT_VERSION,
+                       "tool": "edice-dist", "tool_version": __version__,
+                       "targets": targets, "transform": "arcsinh",
+                       "value_space": "arcsinh(-log10 p), model output per 25 bp bin",
+                       "bin_size": store.genome.bin_size, "chunk_bins": chunk_bins,
+                       "chroms": meta, **attrs})
+    return root
+
+
+def finished_output(run_dir: str) -> tuple[str, dict]:
+    """(path, root attributes) of the finished output store of ``run_dir``.
+
+    Raises
+    ------
+    EdiceError
+        The imputation is not finished (its ``.partial`` store exists).
+    InputError
+        There is no imputation output at all.
+    """
+    import zarr
+
+    out_zarr = output_path(run_dir)
+    if not storage.exists(storage.join(out_zarr, "zarr.json")):
+        if storage.exists(partial_path(out_zarr)):
+            raise EdiceError(
+                f"The imputation in {run_dir} is not finished ({partial_path(OUTPUT)} "
+                "exists). Run the same `edice impute` command again to complete it; it exports "
+                "at the end."
+            )
+        raise InputError(f"{run_dir} holds no imputation output ({out_zarr} is missing). "
+                         "Run `edice impute --out RUN_DIR` first.")
+    group = zarr.open_group(storage.zarr_store(out_zarr, read_only=True), mode="r")
+    return out_zarr, dict(group.attrs)
+
+
+def describe(run_dir: str) -> str:
+    """What ``edice info RUN_DIR`` prints: settings, chunks done/total, bigWigs written."""
+    info = read(run_dir)
+    if info is None:
+        raise InputError(f"{run_dir} has no run.json: it is not an imputation run folder.")
+    final = output_path(run_dir)
+    part = partial_path(final)
+    n = int(info.get("n_chunks", 0))
+    if storage.exists(final):
+        done, status = n, "imputation complete"
+    elif storage.exists(part):
+        done, status = len(done_set(part)), "imputation in progress or interrupted (re-run to resume)"
+    else:
+        done, status = 0, "imputation not started"
+    recs = info["targets"]
+    bw_dir = bigwig_dir(run_dir)
+    names = set(storage.list_dir(bw_dir))
+    written = sum(bigwig_name(r["track_id"]) in names for r in recs)
+    shown = ", ".join(f"{r['cell_key']}:{r['assay']}" for r in recs[:10])
+    lines = [
+        f"imputation run {run_dir}",
+        f"created        {info.get('created')} (edice-dist {info.get('tool_version')})",
+        f"store          {info['store']}",
+        f"model          {info['model']} (sha256 {info['model_sha256'][:12]})",
+        f"targets        {len(recs)}: {shown}{', ...' if len(recs) > 10 else ''}",
+        f"supports       {len(info.get('supports', []))} observed tracks",
+        f"chromosomes    {len(info['chroms'])}: {', '.join(info['chroms'][:10])}"
+        f"{', ...' if len(info['chroms']) > 10 else ''} ({info.get('bins', 0):,} bins)",
+        f"chunks         {done}/{n} done ({info['chunk_bins']} bins each); {status}",
+        f"bigWigs        {written}/{len(recs)} written in {bw_dir}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The training config: every ``edice train`` setting (SPEC section 6), its defaults (the
+paper's) and its loading from a config file and ``--KEY=VALUE`` overrides.
+
+The architecture keys (``embed_dim`` ... ``attn_dropout``) are :class:`ModelConfig`'s own
+fields and defaults, taken from it rather than written twice; the user still sets them as
+flat keys (``--embed_dim=64``).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+
+from . import config
+from .errors import InputError
+from .model import ModelConfig
+
+VOCAB_FIELDS = ("n_cells", "n_assays")
+"""ModelConfig fields that the data decides, not the config."""
+NOUN = ("config key", "keys")
+"""How messages name a training setting."""
+GPUS = "gpus"
+"""SPEC 6: ``--gpus`` (all GPUs) or ``--gpus=N`` (N GPU workers); sets use_gpu and workers."""
+
+
+def _architecture() -> type:
+    hints = typing.get_type_hints(ModelConfig)
+    return make_dataclass(
+        "Architecture",
+        [(f.name, hints[f.name], field(default=f.default)) for f in fields(ModelConfig)
+         if f.name not in VOCAB_FIELDS],
+        namespace={"__module__": __name__,
+                   "__doc__": "The architecture keys of ModelConfig, with its defaults."},
+    )
+
+
+Architecture = _architecture()
+ARCH_KEYS = tuple(f.name for f in fields(Architecture))
+# Keys that may change when a run is resumed: they do not change what was learnt so far.
+RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
+                       "cpus_per_worker", "max_failures"})
+
+
+@dataclass
+class TrainConfig(Architecture):
+    """Every training setting (SPEC section 6); the defaults are the paper's.
+
+    ``None`` means "decide from the data or the cluster" (shown as ``auto``).
+    """
+
+    n_targets: int = 120  # targets per bin (paper: 120) ...
+    max_target_fraction: float = 0.5  # ... but at most this share of the training tracks
+    batch_size: int = 256  # bins per optimiser step over all workers
+    lr: float = 3e-4
+    epochs: int = 50
+    bins_per_epoch: int | None = None  # all training bins when unset
+    seed: int = 0
+    workers: int | None = None  # auto: one per GPU, else 1
+    use_gpu: bool | None = None  # auto: when Ray has GPUs
+    cpus_per_worker: int | None = None  # auto: Ray's CPUs / workers (torch threads too)
+    patience: int = 5  # stop after this many epochs without a better validation MSE
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
+    val_fraction: float = 0.05  # training tracks held out when the store has no val split
+    val_bins: int = 20000  # fixed validation bins (all when the genome is smaller)
+    max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
+    shuffle_chunks: int = 4  # store chunks read and shuffled together per worker
+
+    def validate(self) -> TrainConfig:
+        """Raise InputError on an impossible value; return self."""
+        positive = ["embed_dim", "n_heads", "ffn_dim", "decoder_hidden", "decoder_layers",
+                    "n_targets", "batch_size", "epochs", "val_bins", "shuffle_chunks"]
+        for k in positive:
+            if getattr(self, k) < 1:
+                raise InputError(f"Config key {k} must be a positive integer, got {getattr(self, k)}.")
+        for k in ("bins_per_epoch", "workers", "cpus_per_worker"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise InputError(f"Config key {k} must be a positive integer or auto, got {v}.")
+        for k in ("decoder_dropout", "attn_dropout"):
+            if not 0 <= getattr(self, k) < 1:
+                raise InputError(f"Config key {k} must be in [0, 1), got {getattr(self, k)}.")
+        for k in ("max_target_fraction", "val_fraction"):
+            if not 0 < getattr(self, k) < 1:
+                raise InputError(f"Config key {k} must be in (0, 1), got {getattr(self, k)}.")
+        if not self.lr > 0:
+            raise InputError(f"Config key lr must be positive, got {self.lr}.")
+        if self.patience < 1 or self.min_delta < 0 or self.max_failures < -1:
+            raise InputError("Config keys: patience must be >= 1, min_delta >= 0, "
+                             "max_failures >= -1 (-1: unlimited).")
+        if self.embed_dim % self.n_heads:
+            raise InputError(f"embed_dim ({self.embed_dim}) must be divisible by n_heads "
+                             f"({self.n_heads}).")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def model_config(self, n_cells: int, n_assays: int) -> ModelConfig:
+        return ModelConfig(n_cells, n_assays, **{k: getattr(self, k) for k in ARCH_KEYS})
+
+
+def config_keys() -> list[str]:
+    """The config keys, in order (``gpus`` sets two of them)."""
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _gpus(value, where: str) -> dict:
+    s = str(value).strip().lower()
+    if s in ("true", "yes", "on", "all", ""):
+        return {"use_gpu": True}
+    if s in ("false", "no", "off", "0"):
+        return {"use_gpu": False}
+    n = config.convert(value, int, GPUS, where, minimum=1)
+    return {"use_gpu": True, "workers": n}
+
+
+def values(source: config.Source) -> dict:
+    """The training settings of ``source`` (only those given), typed; ``gpus`` expanded.
+
+    Raises
+    ------
+    InputError
+        An unknown key (the message lists the valid ones) or a bad value.
+    """
+    out = config.values(TrainConfig, source, NOUN, extra=(GPUS,))
+    for key, value in source.values.items():
+        if str(key).replace("-", "_") == GPUS:
+            out.update(_gpus(value, source.where))
+    return out
+
+
+def load_config(config_file: str | None = None, overrides: dict | None = None,
+                defaults: dict | None = None, where: str = "command line",
+                text: bool = True, prefix: str = "") -> TrainConfig:
+    """The training config: the paper's defaults, then ``defaults``, then ``config_file``
+    (JSON or YAML), then ``overrides`` (``--KEY=VALUE`` text, or typed values with
+    ``text=False``).
+
+    Raises
+    ------
+    InputError
+        On an unknown key (the message lists the valid ones) or a bad value.
+    """
+    merged = dict(defaults or {})
+    if config_file:
+        merged.update(values(config.Source(config.read_mapping(config_file),
+                                           f"config file {config_file}", text=False)))
+    if overrides:
+        merged.update(values(config.Source(overrides, where, text, prefix)))
+    return TrainConfig(**merged).validate()
+
+
+def describe_config(cfg: TrainConfig) -> str:
+    """``key=value, ...`` of every key (``auto`` for None)."""
+    return ", ".join(f"{k}={'auto' if v is None else v}" for k, v in cfg.to_dict().items())

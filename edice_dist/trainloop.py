@@ -1,0 +1,375 @@
+"""What each Ray Train worker of a training run does (:func:`train_loop`).
+
+The driver (:mod:`edice_dist.train`) hands every worker the same :class:`WorkerConfig`.
+A worker reads its own share of the bins straight from the store
+(:mod:`edice_dist.sampler`), trains a DDP replica, validates on its share of the
+validation bins (metrics summed over workers) and reports one checkpoint per epoch
+(written by rank 0) into the model folder's ``ray/`` (:mod:`edice_dist.checkpoint`).
+After a worker failure, Ray Train restarts every worker and they continue from the
+newest checkpoint of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _faults, checkpoint, storage
+from .checkpoint import HISTORY_COLUMNS, METRICS, STATE
+from .errors import InputError
+from .model import EDICE, ModelConfig, extend_vocab, init_seed
+from .sampler import (
+    TrainSampler,
+    avg_weights,
+    read_validation,
+    validation_plan,
+)
+from .store import open_store
+from .trainconfig import TrainConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker of a run receives from the driver (small: no data).
+
+    Attributes
+    ----------
+    kind : "train" or "finetune".
+    train : the run's training settings.
+    model : the architecture and vocabulary size of the model trained.
+    store, out : the track store and the model folder (paths or URLs).
+    run_name : this invocation's folder under ``out/ray``.
+    input_cols, val_cols : store columns of the training and the validation tracks.
+    n_targets : targets per training bin after the cap.
+    cell_keys, assays : the model's vocabulary.
+    transform : the store's value transform (recorded in checkpoints).
+    track_cells, track_assays : per store column, its index in the vocabulary.
+    use_gpu, threads : the worker's device and torch threads.
+    resume_from : the checkpoint folder the driver chose to continue from, if any.
+    patience_from : the epoch from which a stale validation MSE counts toward patience.
+    base_model, n_base_cells, n_base_assays : for fine-tuning, the base model's folder and
+        vocabulary size (its embedding rows stay frozen).
+    faults : test-only faults (:mod:`edice_dist._faults`).
+    """
+
+    kind: str
+    train: TrainConfig
+    model: ModelConfig
+    store: str
+    out: str
+    run_name: str
+    input_cols: list[int]
+    val_cols: list[int]
+    n_targets: int
+    cell_keys: list[str]
+    assays: list[str]
+    transform: str
+    track_cells: list[int]
+    track_assays: list[int]
+    use_gpu: bool
+    threads: int
+    resume_from: str | None = None
+    patience_from: int = 0
+    base_model: str | None = None
+    n_base_cells: int = 0
+    n_base_assays: int = 0
+    faults: dict = field(default_factory=dict)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _mix_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _initial_model(config: WorkerConfig, state: dict | None) -> EDICE:
+    """The model before DDP: from a checkpoint, from the base model (fine-tuning) or new."""
+    mcfg = config.model
+    if state is not None:
+        model = EDICE(mcfg)
+        model.load_state_dict(state["model"])
+        return model
+    if config.base_model:
+        base, _ = checkpoint.load_model(config.base_model, "cpu")
+        return extend_vocab(base, mcfg.n_cells, mcfg.n_assays).train()
+    init_seed(config.train.seed)
+    return EDICE(mcfg)
+
+
+def finetune_trainable(model: EDICE, n_base_cells: int, n_base_assays: int) -> dict:
+    """Freeze what SPEC 2.7 freezes; return {parameter: number of leading frozen rows} for
+    the embedding tables whose new rows train (their old rows get zero gradients)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in (model.cell_embed.linear, model.assay_embed.linear, model.decoder, model.output):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    masks = {}
+    for table, n_old in ((model.cell_embed.table.weight, n_base_cells),
+                         (model.assay_embed.table.weight, n_base_assays)):
+        if table.shape[0] > n_old:
+            table.requires_grad_(True)
+            masks[table] = n_old
+    return masks
+
+
+def train_loop(config: WorkerConfig) -> None:
+    """One worker of a training run (Ray Train calls it on every worker).
+
+    Reads this worker's share of the bins straight from the store, trains a DDP replica,
+    validates on its share of the validation bins (metrics summed over workers) and reports
+    one checkpoint per epoch (written by rank 0).
+    """
+    import ray.train
+    import ray.train.torch
+
+    _quiet_ray_train()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = config.train
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    st = open_store(config.store)
+    inputs = np.asarray(config.input_cols, dtype=np.int64)
+    val_cols = np.asarray(config.val_cols, dtype=np.int64)
+    tc = np.asarray(config.track_cells, dtype=np.int64)
+    ta = np.asarray(config.track_assays, dtype=np.int64)
+    in_cells = torch.from_numpy(tc[inputs]).to(device)
+    in_assays = torch.from_numpy(ta[inputs]).to(device)
+    val_cells = torch.from_numpy(tc[val_cols]).to(device)
+    val_assays = torch.from_numpy(ta[val_cols]).to(device)
+
+    state, why = _restore(config)
+
+    net = _initial_model(config, state).to(device)
+    masks = {}
+    if config.kind == "finetune":
+        masks = finetune_trainable(net, config.n_base_cells, config.n_base_assays)
+    model = ray.train.torch.prepare_model(net)  # DDP when world > 1
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    history: list[dict] = []
+    restores: list[dict] = []
+    start, best_epoch, best_mse = 1, 0, math.inf
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        restores = list(state.get("restores", [])) + [{"from_epoch": int(state["epoch"]),
+                                                        "why": why}]
+        start = int(state["epoch"]) + 1
+        best_epoch, best_mse = int(state["best_epoch"]), float(state["best_val_mse"])
+        if state.get("stopped") and int(state["epoch"]) > config.patience_from:
+            return  # this run already stopped early; nothing left to do
+    patience_from = config.patience_from
+
+    sampler = TrainSampler(st, inputs, config.n_targets, cfg.batch_size // world, cfg.seed,
+                           rank, world, cfg.bins_per_epoch, cfg.shuffle_chunks)
+    vplan = validation_plan(st, cfg.val_bins, cfg.seed)
+    xv, yv = read_validation(st, vplan, inputs, val_cols, rank, world)
+    w_avg = avg_weights(tc[inputs], ta[inputs], tc[val_cols], ta[val_cols])
+
+    for epoch in range(start, cfg.epochs + 1):
+        torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))  # dropout
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        steps = 0
+        for batch in sampler.batches(epoch):
+            b = batch.to(device)
+            with autocast_for(device):
+                pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
+                             in_assays[b.target])
+            loss = F.mse_loss(pred.float(), b.y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p, n_old in masks.items():
+                p.grad[:n_old] = 0
+            opt.step()
+            loss_sum += loss.detach()
+            steps += 1
+            if config.faults.get("train_exit_epoch") == epoch and rank == world - 1:
+                _faults.exit_once(config.out, f"worker {rank} exited during epoch {epoch}")
+        train_s = time.perf_counter() - t0
+        val = _validate(net, xv, yv, w_avg, in_cells, in_assays, val_cells, val_assays,
+                        cfg.batch_size, device)
+        agg = _all_reduce(torch.cat([val, torch.stack([loss_sum, torch.tensor(
+            float(steps), dtype=torch.float64, device=device)])]))
+        metrics = _val_metrics(agg[:8])
+        metrics["train_loss"] = float(agg[8] / max(agg[9], 1))
+        metrics["bins_per_s"] = steps * (cfg.batch_size // world) * world / max(train_s, 1e-9)
+        metrics["seconds"] = time.perf_counter() - t0
+        improved = metrics["val_mse"] < best_mse - cfg.min_delta
+        if improved:
+            best_epoch, best_mse = epoch, metrics["val_mse"]
+        stale = epoch - max(best_epoch, patience_from)
+        stopped = stale >= cfg.patience and epoch < cfg.epochs
+        row = {"epoch": epoch, **{k: metrics[k] for k in HISTORY_COLUMNS[1:-1]},
+               "best": int(improved)}
+        history.append(row)
+        report = {**row, "best_epoch": best_epoch if improved else 0, "stopped": int(stopped)}
+        _report(config, rank, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
+                report)
+        if rank == 0:
+            _worker_log(_epoch_line(config.kind, epoch, cfg.epochs, metrics, improved))
+            checkpoint.write_history(config.out, history)
+        if stopped:
+            if rank == 0:
+                _worker_log(f"{config.kind}: no better validation MSE for {stale} epochs "
+                            f"(patience {cfg.patience}); stopping early, best epoch {best_epoch}")
+            break
+
+
+def _worker_log(msg: str) -> None:
+    # Not print(): Ray Train's print patch would log the line twice.
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def _quiet_ray_train() -> None:
+    """Ray Train logs two INFO lines per report on every worker; the one line per epoch
+    of :func:`train_loop` is the progress report. (Ray 2.60 names one of these loggers by
+    its file path, so ``LoggingConfig`` does not reach it.)"""
+    names = ["ray.train.v2._internal.execution.storage"]
+    try:
+        from ray.train.v2._internal.execution import context as _ctx
+
+        names += [_ctx.__name__, _ctx.__file__]
+    except ImportError:  # another Ray layout: leave its logging alone
+        pass
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _restore(config: WorkerConfig) -> tuple[dict | None, str | None]:
+    """The state to continue from: after a worker failure, the newest checkpoint of this
+    run; otherwise the checkpoint the driver chose (``resume_from``), if any.
+
+    Ray Train hands back the last checkpoint it registered; one reported just before the
+    failure may not be registered yet, so the run's folder is looked at as well and the
+    newer complete one wins.
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    found = []
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            found.append(torch.load(os.path.join(d, STATE), map_location="cpu",
+                                    weights_only=True))
+    run_dir = storage.join(config.out, "ray", config.run_name)
+    for c in reversed([c for c in checkpoint.epoch_checkpoints(config.out)
+                       if c["run"] == config.run_name]):
+        if found and c["epoch"] <= int(found[0]["epoch"]):
+            break
+        try:
+            found.append(checkpoint.load_state(c["path"]))
+            break
+        except InputError:  # cut short by the failure: use an older one
+            continue
+    if found:
+        state = max(found, key=lambda s: int(s["epoch"]))
+        _worker_log(f"{config.kind}: restarted after a failure; continuing from epoch "
+                    f"{state['epoch']} ({run_dir})")
+        return state, "worker failure"
+    if config.resume_from:
+        return checkpoint.load_state(config.resume_from), "resume"
+    return None, None
+
+
+def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_cells,
+              in_assays, val_cells, val_assays, batch: int, device) -> torch.Tensor:
+    """Sums over this worker's validation bins (float64, on ``device``): n, sum p, sum y,
+    sum p^2, sum y^2, sum p*y, squared error, AVG's squared error."""
+    sums = torch.zeros(8, dtype=torch.float64)
+    net.eval()
+    with torch.no_grad():
+        for i in range(0, len(xv), 4 * batch):
+            x = torch.from_numpy(xv[i:i + 4 * batch]).to(device)
+            y = torch.from_numpy(yv[i:i + 4 * batch]).double()
+            support = torch.ones_like(x, dtype=torch.bool)
+            with autocast_for(device):
+                p = net(x, support, in_cells, in_assays, val_cells, val_assays)
+            p = p.double().cpu()
+            sums += torch.stack([torch.tensor(float(p.numel()), dtype=torch.float64), p.sum(),
+                                 y.sum(), (p * p).sum(), (y * y).sum(), (p * y).sum(),
+                                 ((p - y) ** 2).sum(), torch.zeros((), dtype=torch.float64)])
+    if len(xv):
+        avg = xv.astype(np.float64) @ w_avg.astype(np.float64)
+        sums[7] = float(((avg - yv) ** 2).sum())
+    net.train()
+    return sums.to(device)
+
+
+def _val_metrics(s: torch.Tensor) -> dict:
+    n, sp, sy, spp, syy, spy, sse, sse_avg = (float(v) for v in s)
+    n = max(n, 1.0)
+    cov = n * spy - sp * sy
+    var = (n * spp - sp * sp) * (n * syy - sy * sy)
+    r = cov / math.sqrt(var) if var > 0 else float("nan")
+    return {"val_mse": sse / n, "val_pearson": r, "avg_mse": sse_avg / n}
+
+
+def _epoch_line(kind: str, epoch: int, epochs: int, m: dict, improved: bool) -> str:
+    return (f"{kind} epoch {epoch}/{epochs}: loss {m['train_loss']:.4f}, val MSE "
+            f"{m['val_mse']:.4f} (AVG {m['avg_mse']:.4f}), val Pearson {m['val_pearson']:.3f}, "
+            f"{m['bins_per_s']:,.0f} bins/s, {m['seconds']:.1f} s{'  *best*' if improved else ''}")
+
+
+def _report(config, rank, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
+            metrics):
+    """ray.train.report on every worker; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    name = f"epoch_{epoch:04d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    state = {
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "restores": restores,
+        "best_epoch": best_epoch,
+        "best_val_mse": best_mse,
+        "stopped": bool(stopped),
+        "config": {"train_config": asdict(config.train), "model_config": config.model.to_dict(),
+                   "kind": config.kind, "base_model": config.base_model},
+        "cell_keys": config.cell_keys,
+        "assays": config.assays,
+        "transform": config.transform,
+    }
+    with tempfile.TemporaryDirectory(prefix="edice-ckpt-") as tmp:
+        torch.save(state, os.path.join(tmp, STATE))
+        with open(os.path.join(tmp, METRICS), "w") as f:
+            json.dump({"epoch": epoch, "best_epoch": best_epoch, "best_val_mse": best_mse,
+                       "stopped": bool(stopped), "history": history, "restores": restores}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=name)
