@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from . import config
 from .config import Source, option
 from .errors import InputError
 from .spaces import Space
+
+if TYPE_CHECKING:  # importing it means importing torch: only when a train stage runs
+    from .trainconfig import TrainConfig
 
 # ----------------------------------------------------------------------------- options
 
@@ -87,7 +90,7 @@ class NoOptions:
 class TrainRequest:
     """A prepared ``train`` stage: the loaded config and whether to train further."""
 
-    config: object  # TrainConfig
+    config: TrainConfig
     resume: bool
 
 
