@@ -14,6 +14,9 @@ from collections.abc import Iterator
 
 import fsspec
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read at import (os.umask can only be read by setting it)
+
 
 def is_url(path: str) -> bool:
     """True for ``proto://...`` paths other than ``file://``."""
@@ -185,6 +188,9 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
+        # mkstemp makes the file private (0600); give it the mode of any new file, so that a
+        # web server can read a hub or report written here.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
