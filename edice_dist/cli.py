@@ -114,6 +114,12 @@ def cmd_pipeline(a, extra):
                  chrom_sizes=a.chrom_sizes, truth=a.truth, demo_model=False)
 
 
+def cmd_serve(a, extra):
+    from .serve import serve
+
+    serve(a.path, host=a.host, port=a.port)
+
+
 _STAGE_OPTIONS = ("Stage options: --sim.KEY=VALUE, --ingest.KEY=VALUE, --train.KEY=VALUE, "
                   "--impute.KEY=VALUE, --evaluate.KEY=VALUE (the options of `edice <stage>`).")
 
@@ -146,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--truth", help="truth manifest to evaluate against at the end")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_pipeline, extras=True)
+
+    s = sub.add_parser("serve", help="serve a run's track hub over HTTP for IGV (byte "
+                                     "ranges, CORS)")
+    s.add_argument("path", help="a run folder (its bigwig/ is served) or any folder")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
+                                                       "machine only)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -6,6 +6,7 @@ RUN_DIR/bigwig/
                               25 bp steps, the last bin clipped to the chromosome's end
   manifest.tsv                cell_type, assay, individual, path (relative to this folder)
   export.json                 the value space the files are in
+  hub.txt, genomes.txt, trackDb.txt   the UCSC track hub of these files (:mod:`edice_dist.hub`)
 ```
 
 One Ray task per target streams that target's row chunk by chunk (one inner chunk of
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 
+from . import hub as _hub
 from . import runfolder, spaces, storage
 from .errors import EdiceError, InputError
 from .progress import Progress, log
@@ -125,7 +127,8 @@ def _manifest(records: list[dict]) -> str:
 
 
 def export(run_dir: str, space: str = "pval", force: bool = False,
-           workers: int | None = None) -> dict:
+           workers: int | None = None, hub: bool = True, genome: str | None = None,
+           hub_observed: str = "none", hub_email: str = _hub.DEFAULT_EMAIL) -> dict:
     """``edice export RUN_DIR``: one bigWig per target of a finished imputation run.
 
     Parameters
@@ -134,18 +137,25 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
     space : ``pval`` (-log10 p; default) or ``arcsinh``.
     force : rewrite bigWigs that exist (needed to change ``space``).
     workers : concurrent tasks (default: as many as Ray has CPUs).
+    hub : write the UCSC track hub beside the bigWigs. Always by default: it is three small
+        text files that make the folder viewable by URL in a genome browser.
+    genome : the hub's UCSC assembly (default: recognised from the chromosome sizes).
+    hub_observed : ``none``, ``link`` or ``copy``: the store's observed bigWigs in the hub.
+    hub_email : the hub's contact address.
 
     Returns
     -------
     dict
         ``files`` (written now), ``skipped``, ``bins`` (per file), ``seconds``,
-        ``bins_per_s`` (target-bins written per second), ``manifest``.
+        ``bins_per_s`` (target-bins written per second), ``manifest``, ``hub`` (what
+        :func:`edice_dist.hub.write_run_hub` returned, or None).
     """
     import ray
 
     from . import raycluster
 
     spaces.check(space)
+    _hub.check_genome(genome)
     out_zarr, attrs = runfolder.finished_output(run_dir)
     records = attrs["targets"]
     files = [bigwig_name(r["track_id"]) for r in records]
@@ -203,5 +213,9 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
     if todo:
         log(f"exported {len(todo)} bigWig(s) x {bins:,} bins in {secs:.1f} s: "
             f"{rate:,.0f} bins/s; manifest {manifest}")
+    hub_info = None
+    if hub:  # after the bigWigs: every file the hub names exists when it appears
+        hub_info = _hub.write_run_hub(run_dir, records, attrs["chroms"], space, genome=genome,
+                                      observed=hub_observed, email=hub_email)
     return {"files": len(todo), "skipped": len(records) - len(todo), "bins": bins,
-            "seconds": secs, "bins_per_s": rate, "manifest": manifest}
+            "seconds": secs, "bins_per_s": rate, "manifest": manifest, "hub": hub_info}

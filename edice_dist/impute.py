@@ -20,6 +20,7 @@ import numpy as np
 from . import _faults, runfolder, spaces, storage
 from ._partial import check_complete, done_set, finalise, partial_path
 from .errors import InputError
+from .hub import DEFAULT_EMAIL, check_genome
 from .progress import Progress, log, stage
 from .tracks import parse_targets
 
@@ -143,7 +144,8 @@ def compute_dtype(dtype: str | None, gpu: bool) -> str:
 def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | None = None,
            force: bool = False, workers: int | None = None, gpus: int | None = None,
            space: str = "pval", export: bool = True, batch_bins: int | None = None,
-           dtype: str | None = None) -> dict:
+           dtype: str | None = None, hub: bool = True, genome: str | None = None,
+           hub_observed: str = "none", hub_email: str = DEFAULT_EMAIL) -> dict:
     """``edice impute``: predict every target over the genome, then export bigWigs.
 
     Parameters
@@ -159,6 +161,8 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
     batch_bins : bins per forward batch (default: sized from the number of targets).
     dtype : decoder compute dtype, ``float32`` or ``bfloat16`` (default: see
         :func:`compute_dtype`); it also sets the output store's dtype (float32 or float16).
+    hub, genome, hub_observed, hub_email : the track hub of the export (see
+        :func:`edice_dist.export.export`).
 
     Returns
     -------
@@ -171,6 +175,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
     from .store import open_store
 
     spaces.check(space)
+    check_genome(genome)
     # Actors may run in another working directory (cluster jobs): pass absolute paths.
     store, model, out = (p if storage.is_url(p) else os.path.abspath(p) for p in (store, model, out))
     faults = _faults.active()
@@ -272,5 +277,6 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
         from .export import export as run_export
 
         stage(3, n_stages, "export bigWigs")
-        summary["export"] = run_export(out, space=space, force=force)
+        summary["export"] = run_export(out, space=space, force=force, hub=hub, genome=genome,
+                                       hub_observed=hub_observed, hub_email=hub_email)
     return summary

@@ -9,7 +9,9 @@ RUN_DIR/
                       arcsinh(-log10 p); float16 when computed in bf16 (its rounding is
                       well below bf16's), float32 when computed in float32; written as
                       imputed.zarr.partial, then renamed
-  bigwig/             <cell_key>-<assay>.bigWig per target, manifest.tsv, export.json
+  bigwig/             <cell_key>-<assay>.bigWig per target, manifest.tsv, export.json,
+                      and the UCSC track hub of them: hub.txt, genomes.txt, trackDb.txt
+                      (observed/ with hub_observed copy or link; :mod:`edice_dist.hub`)
 ```
 
 ``run.json`` keys: ``format``, ``format_version``, ``tool_version``, ``store``,
@@ -264,4 +266,6 @@ def describe(run_dir: str) -> str:
         f"chunks         {done}/{n} done ({info['chunk_bins']} bins each); {status}",
         f"bigWigs        {written}/{len(recs)} written in {bw_dir}",
     ]
+    if "hub.txt" in names:
+        lines.append(f"track hub      {storage.join(bw_dir, 'hub.txt')}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 from . import config
 from .config import Source, option
 from .errors import InputError
+from .hub import DEFAULT_EMAIL
 from .spaces import Space
 
 if TYPE_CHECKING:  # importing it means importing torch: only when a train stage runs
@@ -53,7 +54,23 @@ class TrainOptions:
 
 
 @dataclass(frozen=True)
-class ImputeOptions:
+class HubOptions:
+    """The track hub beside the bigWigs: written by ``export``, so by ``impute`` too."""
+
+    hub: bool = option(True, "write a UCSC track hub (hub.txt, genomes.txt, trackDb.txt) "
+                             "beside the bigWigs")
+    genome: str | None = option(None, "UCSC assembly of the hub: hg38, hg19, mm10, ... "
+                                      "(default: recognised from the chromosome sizes, "
+                                      "else hg38)")
+    hub_observed: Literal["none", "link", "copy"] = option(
+        "none", "put the store's observed bigWigs in the hub too: link them (by URL or "
+                "symbolic link) or copy them into bigwig/observed/")
+    hub_email: str = option(DEFAULT_EMAIL, "contact address in hub.txt (the UCSC format "
+                                           "requires one)")
+
+
+@dataclass(frozen=True)
+class _ImputeOwn:
     targets: str | None = option(None, "TSV with cell_type, assay; or cell:assay,cell:assay")
     chroms: list[str] | None = option(None, "chromosomes to impute (default: all of the store's)")
     force: bool = option(False, "restart a run made with other settings")
@@ -68,11 +85,25 @@ class ImputeOptions:
 
 
 @dataclass(frozen=True)
-class ExportOptions:
+class _ExportOwn:
     space: Space = option("pval", "bigWig values: -log10 p or arcsinh(-log10 p)")
     force: bool = option(False, "rewrite bigWigs that exist (needed to change --space)")
     workers: int | None = option(None, "concurrent export tasks (default: Ray's CPUs)",
                                  minimum=1)
+
+
+# A dataclass takes the fields of its bases from the last base to the first: the stage's
+# own options come first (in --help and in messages), the hub's after them.
+
+
+@dataclass(frozen=True)
+class ImputeOptions(HubOptions, _ImputeOwn):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportOptions(HubOptions, _ExportOwn):
+    pass
 
 
 @dataclass(frozen=True)

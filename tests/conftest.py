@@ -1,9 +1,10 @@
-"""Shared fixtures: one small local Ray per test session, a CPU/CUDA device, a tiny
-simulated consortium and its store."""
+"""Shared fixtures: one small local Ray per test session, a CPU/CUDA device, and a
+headless Chromium (through Playwright) for the tests that open pages in a browser."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -30,3 +31,32 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
     return torch.device(request.param)
+
+
+def find_chromium() -> str | None:
+    for name in (os.environ.get("EDICE_CHROMIUM"), "chromium", "chromium-browser",
+                 "google-chrome"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium through Playwright; skipped (or, in CI, failed) without one."""
+    required = os.environ.get("EDICE_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        why = "Playwright is not installed (pip install playwright)"
+        pytest.fail(why) if required else pytest.skip(why)
+    exe = find_chromium()
+    if exe is None:
+        why = "no Chromium found (apt-get install chromium, or set EDICE_CHROMIUM)"
+        pytest.fail(why) if required else pytest.skip(why)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        yield b
+        b.close()

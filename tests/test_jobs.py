@@ -293,7 +293,8 @@ def test_run_stages_passes_the_config_on(tmp_path, inputs, monkeypatch):
     cfg = _cfg(tmp_path, inputs,
                ingest={"chroms": ["chr2"], "chunk_bins": 512, "dtype": "float32", "workers": 3},
                train={"epochs": 1, "use_gpu": False, "lr": 0.001},
-               impute={"targets": "A:H3K27ac", "gpus": 0, "batch_bins": 256, "space": "arcsinh"})
+               impute={"targets": "A:H3K27ac", "gpus": 0, "batch_bins": 256, "space": "arcsinh",
+                       "genome": "hg19", "hub_observed": "copy"})
     out = tmp_path / "out"
     done = run_stages(cfg, stages_for("pipeline", cfg))
     assert done == {"ingest": f"{out}/store", "train": f"{out}/model", "impute": f"{out}/run"}
@@ -308,7 +309,8 @@ def test_run_stages_passes_the_config_on(tmp_path, inputs, monkeypatch):
     assert calls[2] == ("impute", (f"{out}/store", f"{out}/model", f"{out}/run"),
                         {"targets": "A:H3K27ac", "chroms": None, "force": False, "workers": None,
                          "gpus": 0, "space": "arcsinh", "export": True, "batch_bins": 256,
-                         "dtype": None})
+                         "dtype": None, "hub": True, "genome": "hg19", "hub_observed": "copy",
+                         "hub_email": "nobody@example.org"})
 
 
 def test_train_resume_flag(tmp_path, inputs, monkeypatch):

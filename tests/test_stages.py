@@ -132,18 +132,23 @@ def test_train_options_reach_train(calls, tmp_path, capsys):
 def test_impute_options_reach_impute(calls, tmp_path, capsys):
     want = {"targets": "A:H3K27ac", "chroms": ["chr1", "chr2"], "force": True, "workers": 2,
             "gpus": 0, "batch_bins": 128, "dtype": "float32", "space": "arcsinh",
-            "export": False}
+            "export": False, "hub": False, "genome": "hg19", "hub_observed": "link",
+            "hub_email": "me@lab.org"}
 
     assert _cli(["impute", "--store", tmp_path / "s", "--model", tmp_path / "m", "--out",
                  tmp_path / "r", "--targets", "A:H3K27ac", "--chroms", "chr1", "chr2", "--force",
                  "--workers", "2", "--gpus", "0", "--batch-bins", "128", "--dtype", "float32",
-                 "--space", "arcsinh", "--no-export"], capsys)[0] == 0
+                 "--space", "arcsinh", "--no-export", "--no-hub", "--genome", "hg19",
+                 "--hub-observed", "link", "--hub-email", "me@lab.org"], capsys)[0] == 0
     assert _only(calls, "impute")[1] == want
     # The bug of issue 11: --impute.gpus, .space and .chroms were accepted and ignored.
     assert _cli(_pipeline(tmp_path, "--impute.targets=A:H3K27ac", "--impute.chroms=chr1,chr2",
                           "--impute.force", "--impute.workers=2", "--impute.gpus=0",
                           "--impute.batch_bins=128", "--impute.dtype=float32",
-                          "--impute.space=arcsinh", "--impute.export=false"), capsys)[0] == 0
+                          "--impute.space=arcsinh", "--impute.export=false",
+                          "--impute.hub=false", "--impute.genome=hg19",
+                          "--impute.hub_observed=link", "--impute.hub_email=me@lab.org"),
+                capsys)[0] == 0
     assert _only(calls, "impute")[1] == want
     _job(tmp_path, impute={**want, "chroms": "chr1 chr2"})
     assert _only(calls, "impute")[1] == want
@@ -162,10 +167,16 @@ def test_evaluate_and_export_options_reach_their_stage(calls, tmp_path, capsys):
     a, k = _only(calls, "evaluate")
     assert (a[0], k["space"], k["plots"]) == (str(tmp_path / "t.tsv"), "pval", False)
 
-    assert _cli(["export", tmp_path / "r", "--space", "arcsinh", "--force", "--workers", "2"],
-                capsys)[0] == 0
+    assert _cli(["export", tmp_path / "r", "--space", "arcsinh", "--force", "--workers", "2",
+                 "--genome", "mm10", "--hub-observed", "copy"], capsys)[0] == 0
     assert _only(calls, "export") == ((str(tmp_path / "r"),),
-                                      {"space": "arcsinh", "force": True, "workers": 2})
+                                      {"space": "arcsinh", "force": True, "workers": 2,
+                                       "hub": True, "genome": "mm10", "hub_observed": "copy",
+                                       "hub_email": "nobody@example.org"})
+    assert _cli(["export", tmp_path / "r", "--no-hub"], capsys)[0] == 0
+    assert _only(calls, "export")[1]["hub"] is False
+    rc, err = _cli(["export", tmp_path / "r", "--hub-observed", "move"], capsys)
+    assert rc == 1 and "--hub-observed must be one of none, link, copy" in err
 
 
 # ----------------------------------------------------------------------------- refusals
