@@ -25,8 +25,9 @@ add ``mse_promoter``, ``mse_genebody`` and ``mse_enhancer``.
 
 Outputs in ``out`` (default ``<imputed>/../evaluation``, i.e. ``RUN_DIR/evaluation``):
 ``metrics.tsv`` (one row per track and method), ``summary.tsv`` (per assay and overall),
-``metrics.json`` (both, with counts and settings), PNG plots, and ``_cache/`` (one JSON per
-track and method, reused by a re-run whose inputs have not changed).
+``metrics.json`` (both, with counts and settings), PNG plots, ``report.html`` (all of them on
+one self-contained page, with the provenance: :mod:`edice_dist.report`) and ``_cache/``
+(one JSON per track and method, reused by a re-run whose inputs have not changed).
 """
 
 from __future__ import annotations
@@ -549,10 +550,16 @@ def evaluate(
 
         browsers = browser_panels(jobs, _plots.MAX_BROWSERS, _plots.BROWSER_BINS)
         files.update(_plots.write_all(out, rows, summary, metrics, browsers))
+    from .report import write_report
+
+    files["report.html"] = write_report(
+        out, rows, summary, metrics, {n: p for n, p in files.items() if n.endswith(".png")},
+        doc, imputed)
     table = format_table(summary, metrics)
     if not quiet:
         print(table, flush=True)
-    log(f"evaluate: done in {time.monotonic() - t0:.0f} s; tables and plots in {out}.")
+    log(f"evaluate: done in {time.monotonic() - t0:.0f} s; tables and plots in {out}; "
+        f"report {files['report.html']}.")
     return {"rows": rows, "summary": summary, "out": out, "files": files, "table": table}
 
 

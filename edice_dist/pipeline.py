@@ -147,4 +147,10 @@ def run_pipeline(
     if "evaluation" in paths:
         log(f"evaluation:   {storage.join(paths['evaluation'], 'metrics.tsv')} and plots in "
             f"{paths['evaluation']}")
+        log(f"report:       {storage.join(paths['evaluation'], 'report.html')} (one page: "
+            "tables, plots, provenance)")
+    hub_txt = storage.join(paths["bigwig"], "hub.txt")
+    if storage.exists(hub_txt):
+        log(f"track hub:    {hub_txt} (serve the folder, load that URL in the UCSC browser or "
+            "IGV)")
     return paths
