@@ -154,6 +154,28 @@ def fit_label(parts: list[str], limit: int, keep: int = 5) -> str:
     return " ".join(parts)
 
 
+def _middle_cut(text: str, n: int) -> str:
+    """``text`` in ``n`` characters, cut in the middle where a ``~`` marks the cut: cell
+    names differ at their ends as often as at their starts (``blo~_01``, ``blo~_02``)."""
+    if len(text) <= n:
+        return text
+    head = n // 2
+    return text[:head] + "~" + text[len(text) - (n - 1 - head):]
+
+
+def subtrack_label(cell: str, assay: str, kind: str, limit: int = SHORT_LABEL_MAX) -> str:
+    """The short label of a subtrack, ``<cell> <assay> [<kind>]`` in ``limit`` characters:
+    histone H3 marks shortened as biologists write them (``H3K4me3`` -> ``K4me3``) when
+    too long, then the cell name cut in its middle, then :func:`fit_label`."""
+    parts = [cell, assay, kind]
+    if len(" ".join(p for p in parts if p)) > limit and re.match(r"H3K\d", assay):
+        parts[1] = assay[2:]
+    room = limit - len(" ".join(p for p in parts[1:] if p)) - 1
+    if len(" ".join(p for p in parts if p)) > limit and room >= 5:
+        parts[0] = _middle_cut(cell, room)
+    return fit_label(parts, limit)
+
+
 def _unique_labels(labels: list[str], limit: int) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
@@ -331,7 +353,7 @@ def trackdb_text(tracks: list[HubTrack], space: str = "pval", source: str = "eDI
     comp_names, sub_names = names[:len(assays)], names[len(assays):]
     shorts = _unique_labels(
         [fit_label([a], SHORT_LABEL_MAX) for a in assays]
-        + [fit_label([t.cell_key, t.assay, KINDS[t.kind].short], SHORT_LABEL_MAX) for t in subs],
+        + [subtrack_label(t.cell_key, t.assay, KINDS[t.kind].short) for t in subs],
         SHORT_LABEL_MAX)
     unit = "-log10 p" if space == "pval" else "arcsinh(-log10 p)"
     longs = _unique_labels(

@@ -332,6 +332,16 @@ def test_names_and_labels_are_unique_legal_and_within_limits(tmp_path):
     assert all(c["viewLimits"] == "0:4" for c in h["composites"].values())
 
 
+def test_short_labels_keep_what_tells_tracks_apart():
+    """Cell names that differ at their end (blood_01, blood_02) stay apart in 17 characters
+    without a counter; a label that fits is left whole."""
+    labels = [hub.subtrack_label(f"blood_{i:02d}", "H3K4me3", "obs") for i in range(1, 5)]
+    assert len(set(labels)) == 4 and all(len(x) <= 17 for x in labels)
+    assert all(f"_{i:02d} " in x and "K4me3 obs" in x for i, x in enumerate(labels, 1))
+    assert hub.subtrack_label("liver", "H3K4me3", "obs") == "liver H3K4me3 obs"
+    assert hub.subtrack_label("blood_01", "H3K4me3", "") == "blood_01 H3K4me3"
+
+
 def test_a_second_kind_per_target_joins_the_same_composite(tmp_path):
     """A per-bin spread bigWig per target (a later feature) is one more kind of subtrack in
     the composite of its assay, in a lighter shade, with its own matrix column."""
