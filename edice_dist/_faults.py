@@ -10,16 +10,22 @@ Faults
 ------
 ingest_fail_chunk : "chrom:index"
     The ingest task that reaches that chunk raises before writing it.
+ingest_exit_chunk : "chrom:index"
+    The ingest task that reaches that chunk exits abruptly before writing it, once per
+    store (Ray then retries the task).
 train_exit_epoch : int
     The last Ray Train worker exits abruptly during that epoch, once per model folder.
 impute_exit_chunk : "chrom:index"
     The imputation actor given that chunk exits abruptly, once per run folder.
+impute_enospc_chunk : "chrom:index"
+    Writing that chunk of the output store fails as on a full disk (``ENOSPC``).
 impute_stop_after : int
     The imputation driver stops with an error after this many chunks are written.
 impute_log : path
     Imputation actors append ``chrom<TAB>index`` of every chunk they compute.
 
-An abrupt exit leaves the marker file :data:`MARKER` in the model or run folder, so that
+An abrupt exit leaves the marker file :data:`MARKER` in the model or run folder (or the
+unfinished store), so that
 the restarted worker carries on, and so that a test can see the fault fired.
 """
 
@@ -32,8 +38,8 @@ from . import storage
 
 ENV = "EDICE_TEST_FAULTS"
 MARKER = "_fail_once"
-KNOWN = ("ingest_fail_chunk", "train_exit_epoch", "impute_exit_chunk", "impute_stop_after",
-         "impute_log")
+KNOWN = ("ingest_fail_chunk", "ingest_exit_chunk", "train_exit_epoch", "impute_exit_chunk",
+         "impute_enospc_chunk", "impute_stop_after", "impute_log")
 
 
 def active() -> dict:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import traceback
 import typing
 
 from . import __version__, config, stages
-from .errors import EdiceError
+from .errors import EdiceError, report
 
 
 def _overrides(extra: list[str]) -> dict[str, str]:
@@ -130,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Genome-scale epigenomic imputation with eDICE on Ray.",
     )
     p.add_argument("--version", action="version", version=f"edice-dist {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--debug", action="store_true",
+                   help="print the full trace of an error (it is also written to a log file "
+                        "named in the message; EDICE_LOG_DIR sets its folder)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for st in stages.STAGES.values():
         _add_stage(sub, st)
@@ -170,15 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         args.func(args, extra)
-    except EdiceError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"edice {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"edice {args.command}: interrupted; re-run the same command to resume.",
-              file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as e:  # one paragraph, whatever failed
+        return report(e, f"edice {args.command}", debug=args.debug)
     return 0
 
 

@@ -11,6 +11,7 @@ the output store themselves.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import time
@@ -22,7 +23,7 @@ import numpy as np
 
 from . import _faults, storage
 from ._partial import mark_done
-from .errors import EdiceError, InputError
+from .errors import EdiceError, InputError, explain
 from .genome import Chunk
 from .progress import Progress, log
 
@@ -100,10 +101,33 @@ class WorkerSpec:
     faults: dict = field(default_factory=dict)  # tests only (edice_dist._faults)
 
 
+def _failed(chunk: Chunk, doing: str, path: str, e: BaseException) -> EdiceError:
+    """An actor's error with its context (which chunk, which file) in one paragraph; it
+    reaches the driver, which names that chunk rather than another one the actor held."""
+    return EdiceError(f"Imputing {chunk.chrom} bins {chunk.start}-{chunk.stop} (chunk "
+                      f"{chunk.index}) failed while {doing} {path}: {explain(e)}")
+
+
 class ChunkWorker:
-    """One imputation actor: model loaded once, reads/computes/writes whole chunks."""
+    """One imputation actor: model loaded once, reads/computes/writes whole chunks.
+
+    Its errors are EdiceErrors that name the chunk and the file (:func:`_failed`); the
+    driver stops on them at once (a dead actor is what it retries). An error while
+    starting (the model or a store cannot be opened) is kept and raised by the first
+    call, so that it arrives as such an error, not as a dead actor.
+    """
 
     def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self._init_error: EdiceError | None = None
+        try:
+            self._start(spec)
+        except Exception as e:
+            self._init_error = EdiceError(f"An imputation actor could not start (model "
+                                          f"{spec.model_dir}, store {spec.store_path}, output "
+                                          f"{spec.out_path}): {explain(e)}")
+
+    def _start(self, spec: WorkerSpec) -> None:
         import torch
         import zarr
 
@@ -134,6 +158,8 @@ class ChunkWorker:
         return self.store.read(chunk.chrom, chunk.start, chunk.stop, columns=self.spec.support_cols)
 
     def _write_chunk(self, chunk: Chunk, y: np.ndarray) -> None:
+        if _faults.at_chunk(self.spec.faults, "impute_enospc_chunk", chunk.chrom, chunk.index):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it
         key = self.spec.array_keys[chunk.chrom]
         self.out[key][:, chunk.start:chunk.stop] = y
         mark_done(self.spec.out_path, key, chunk.index)  # only after the data is written
@@ -143,7 +169,10 @@ class ChunkWorker:
             return []
         chunk, fut = self._write
         self._write = None
-        fut.result()  # re-raises a failed write: the driver then redoes the chunk
+        try:
+            fut.result()  # re-raises a failed write, of this chunk (not the one computing)
+        except Exception as e:
+            raise _failed(chunk, "writing", self.spec.out_path, e) from e
         return [(chunk.chrom, chunk.index)]
 
     def compute(self, chunk: Chunk, next_chunk: Chunk | None = None) -> list[tuple[str, int]]:
@@ -156,22 +185,30 @@ class ChunkWorker:
         """
         from .predict import predict_chunk
 
+        if self._init_error is not None:
+            raise self._init_error
         if _faults.at_chunk(self.spec.faults, "impute_exit_chunk", chunk.chrom, chunk.index):
             _faults.exit_once(self.spec.run_dir, f"{chunk.chrom}\t{chunk.index}")
         t0 = time.perf_counter()
-        if self._prefetch is not None and self._prefetch[0] == chunk:
-            x = self._prefetch[1].result()
-        else:
-            x = self._read(chunk)
+        try:
+            if self._prefetch is not None and self._prefetch[0] == chunk:
+                x = self._prefetch[1].result()
+            else:
+                x = self._read(chunk)
+        except Exception as e:
+            raise _failed(chunk, "reading", self.spec.store_path, e) from e
         self._prefetch = None
         self.read_wait_s += time.perf_counter() - t0
         if next_chunk is not None:
             self._prefetch = (next_chunk, self._reader.submit(self._read, next_chunk))
         t1 = time.perf_counter()
         S = len(self.spec.support_cols)
-        y = predict_chunk(self.pred, x, np.arange(S), self.spec.support_cells,
-                          self.spec.support_assays, self.spec.target_cells,
-                          self.spec.target_assays, batch_bins=self.spec.batch_bins)
+        try:
+            y = predict_chunk(self.pred, x, np.arange(S), self.spec.support_cells,
+                              self.spec.support_assays, self.spec.target_cells,
+                              self.spec.target_assays, batch_bins=self.spec.batch_bins)
+        except Exception as e:
+            raise _failed(chunk, "computing with the model", self.spec.model_dir, e) from e
         self.compute_s += time.perf_counter() - t1
         self.n_computed += 1
         log_path = self.spec.faults.get("impute_log")
@@ -190,6 +227,8 @@ class ChunkWorker:
 
     def flush(self) -> list[tuple[str, int]]:
         """Wait for the last write; returns the chunks it completes."""
+        if self._init_error is not None:
+            raise self._init_error
         return self._finish_write()
 
     def stats(self) -> dict:
@@ -265,8 +304,8 @@ def run_pool(spec: WorkerSpec, todo: list[Chunk], n_actors: int, options: dict,
         if worst is not None and attempts[(worst.chrom, worst.index)] >= MAX_ATTEMPTS:
             raise EdiceError(
                 f"Imputation of {worst.chrom} bins {worst.start}-{worst.stop} (chunk "
-                f"{worst.index}) failed {MAX_ATTEMPTS} times; last error: {err}. Fix the cause "
-                "and run the same command again: finished chunks are kept."
+                f"{worst.index}) failed {MAX_ATTEMPTS} times; last error: {explain(err)} Fix "
+                "the cause and run the same command again: finished chunks are kept."
             )
         log(f"imputation actor failed ({type(err).__name__}); replacing it and redoing "
             f"{len(lost)} chunk(s)")
@@ -286,7 +325,7 @@ def run_pool(spec: WorkerSpec, todo: list[Chunk], n_actors: int, options: dict,
                 done = ray.get(ready[0])
             except RayTaskError as e:
                 if isinstance(e.cause, EdiceError):
-                    raise e.cause from None
+                    raise e.cause from e
                 fail(i, e)
                 done = None
             except RayActorError as e:

@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterable
 
 from . import runfolder, storage
 from . import stages as stages_mod
+from .errors import S3_HINT as _ENV_HINT
 from .errors import EdiceError
+from .errors import s3_error_text as _s3_error
 from .jobconfig import (
     PROBE_CONNECT_TIMEOUT_S,
     PROBE_READ_TIMEOUT_S,
@@ -41,35 +43,6 @@ def _s3_client():
         config=Config(connect_timeout=PROBE_CONNECT_TIMEOUT_S, read_timeout=PROBE_READ_TIMEOUT_S,
                       retries={"max_attempts": 1, "mode": "standard"}),
     )
-
-
-_ENV_HINT = ("Credentials and endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-             "AWS_ENDPOINT_URL and AWS_REGION (or an instance profile / ~/.aws); on a Ray "
-             "cluster they must be set on every node or passed in the job's runtime_env "
-             "env_vars.")
-
-
-def _s3_error(e: Exception, what: str) -> str:
-    import botocore.exceptions as bx
-
-    endpoint = storage.storage_options("s3://x").get("client_kwargs", {}).get(
-        "endpoint_url", "the default AWS S3 endpoint")
-    if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return f"{what}: no S3 credentials were found. {_ENV_HINT}"
-    if isinstance(e, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError
-                  | bx.ConnectionClosedError | bx.ProxyConnectionError | bx.SSLError):
-        return (f"{what}: cannot reach the S3 endpoint {endpoint} ({e}). Check AWS_ENDPOINT_URL "
-                f"and that the endpoint is reachable from this machine. {_ENV_HINT}")
-    if isinstance(e, bx.ClientError):
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchBucket"):
-            return f"{what}: the bucket does not exist at {endpoint}. Create it or fix the URL."
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                    "ExpiredToken", "InvalidToken"):
-            return (f"{what}: access denied ({code}). The credentials in use cannot access it. "
-                    f"{_ENV_HINT}")
-        return f"{what}: S3 error {code or ''} ({e}). {_ENV_HINT}"
-    return f"{what}: {type(e).__name__}: {e}"
 
 
 class _Checker:

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from . import config
+from . import config, storage
 from .config import Source, option
-from .errors import InputError
+from .errors import EdiceError, InputError, explain
 from .hub import DEFAULT_EMAIL
 from .spaces import Space
 
@@ -368,6 +368,13 @@ def run_stage(name: str, paths: Mapping[str, str | None], options=None, *,
     Returns
     -------
     What the stage's function returns (a summary dict for most).
+
+    Raises
+    ------
+    EdiceError
+        For any failure: the stage's own errors as they are, every other error (an OS or
+        object-store error, an error inside a Ray task or actor) as one paragraph
+        (:func:`edice_dist.errors.explain`), chained to the original for the log file.
     """
     st = stage(name)
     missing = [p.flag for p in st.paths if p.required and not paths.get(p.name)]
@@ -375,4 +382,12 @@ def run_stage(name: str, paths: Mapping[str, str | None], options=None, *,
         raise InputError(f"The {name} stage needs {', '.join(missing)}.")
     if options is None or isinstance(options, Mapping):
         options = prepare(name, options, where=where, prefix=prefix, text=text)
-    return st.run(dict(paths), options)
+    try:
+        return st.run(dict(paths), options)
+    except EdiceError:
+        raise
+    except Exception as e:
+        given = {p.flag: paths.get(p.name) for p in st.paths if paths.get(p.name)}
+        urls = tuple(f"{v} ({k})" for k, v in given.items() if storage.is_url(v))
+        shown = " ".join(f"{k} {v}" if k.startswith("--") else str(v) for k, v in given.items())
+        raise explain(e, f"edice {name} {shown}", urls) from e

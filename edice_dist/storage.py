@@ -196,9 +196,11 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a full disk names no file
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 

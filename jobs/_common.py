@@ -42,7 +42,7 @@ def main(job: str, summary: str, argv: list[str] | None = None) -> int:
                    help="only load and check the config (inputs exist, outputs writable)")
     args = p.parse_args(argv)
 
-    from edice_dist.errors import EdiceError
+    from edice_dist.errors import report
     from edice_dist.jobconfig import load_job_config, run_stages, stages_for
     from edice_dist.preflight import preflight
     from edice_dist.progress import log
@@ -65,13 +65,8 @@ def main(job: str, summary: str, argv: list[str] | None = None) -> int:
         log(f"Ray: {_describe_cluster()}"
             + (f" at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else " (local)"))
         done = run_stages(cfg, stages)
-    except EdiceError as e:
-        print(f"jobs/{job}.py: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"jobs/{job}.py: interrupted; submit the same job again to resume.",
-              file=sys.stderr, flush=True)
-        return 130
+    except (Exception, KeyboardInterrupt) as e:  # one paragraph, whatever failed
+        return report(e, f"jobs/{job}.py", again="submit the same job again")
     log(f"job {job} done in {time.monotonic() - t0:.0f} s")
     for stage, path in done.items():
         if path:

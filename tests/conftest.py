@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# The full traces of the errors that tests provoke go here, not among a user's logs.
+os.environ.setdefault("EDICE_LOG_DIR", os.path.join(tempfile.gettempdir(), "edice-test-logs"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
