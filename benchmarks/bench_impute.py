@@ -141,6 +141,7 @@ def build_store(path, n_chroms, chrom_bins, tracks, chunk_bins, seed=0):
         for s in range(0, c["n_bins"], chunk_bins):
             e = min(s + chunk_bins, c["n_bins"])
             arr[s:e] = np.arcsinh(rng.gamma(0.5, 3.0, (e - s, len(tracks)))).astype(np.float16)
+    S.mark_complete(path)
     return path
 
 

@@ -126,6 +126,7 @@ def sampler_part(threads: int) -> dict:
         arr = zarr.open_group(storage.zarr_store(path), mode="r+")["signal"]["chr1"]
         for s in range(0, n_bins, chunk):
             arr[s:s + chunk] = np.arcsinh(rng.gamma(0.5, 3.0, (chunk, N_TRACKS))).astype(np.float16)
+        store.mark_complete(path)
         st = store.open_store(path)
         sampler = TrainSampler(st, np.arange(N_TRACKS), N_TARGETS, BATCH, seed=0, shuffle_chunks=2)
         t = time.perf_counter()

@@ -22,6 +22,7 @@ import torch
 from . import __version__, storage
 from .errors import InputError
 from .model import EDICE, ModelConfig
+from .tracks import check_vocabulary
 
 FORMAT = "edice-model"
 FORMAT_VERSION = 1
@@ -67,7 +68,14 @@ def load_meta(model_dir: str) -> dict:
 
 
 def _load(path: str, model_dir: str) -> dict:
+    """The contents of ``model.pt``, checked: its format and version, and the names of its
+    vocabulary (they become file names of imputed tracks) by the one name rule."""
     if not storage.exists(path):
+        if storage.exists(storage.join(model_dir, RECORD)):
+            raise InputError(
+                f"The training in {model_dir} has not finished: it has no {path} yet. Re-run "
+                "the same `edice train` (or `edice finetune`) command to finish it."
+            )
         raise InputError(
             f"No trained model at {model_dir} (expected {path}). Train one with `edice train`, "
             "or point --model at a model folder."
@@ -81,8 +89,14 @@ def _load(path: str, model_dir: str) -> dict:
         ) from None
     if not isinstance(obj, dict) or obj.get("meta", {}).get("format") != FORMAT:
         raise InputError(f"{path} is not an edice model file.")
-    if int(obj["meta"].get("format_version", 0)) > FORMAT_VERSION:
+    meta = obj["meta"]
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(f"{path} was written by a newer edice-dist; upgrade to read it.")
+    for key in ("cell_keys", "assays"):
+        if not isinstance(meta.get(key), list) or not meta[key]:
+            raise InputError(f"Model file {path} has no {key} list in its metadata: it is "
+                             "damaged. Train the model again.")
+    check_vocabulary(meta["cell_keys"], meta["assays"], f"Model {path}")
     return obj
 
 

@@ -176,7 +176,8 @@ def _fingerprint(job: Job, store_id: str) -> dict:
 
 
 def _cache_path(out: str, job: Job) -> str:
-    return storage.join(out, "_cache", f"{job.track.track_id}.{job.method}.json")
+    return storage.child(out, "_cache", f"{job.track.track_id}.{job.method}.json",
+                         what=f"the track id of truth track {job.track.track_id}")
 
 
 def _cached(out: str, job: Job) -> dict | None:

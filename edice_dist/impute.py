@@ -176,6 +176,11 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
 
     spaces.check(space)
     check_genome(genome)
+    # Settings first: nothing is read or written before they are known to be usable.
+    for name, value, low in (("--batch-bins", batch_bins, 1), ("--workers", workers, 1),
+                             ("--gpus", gpus, 0)):
+        if value is not None and value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value}.")
     # Actors may run in another working directory (cluster jobs): pass absolute paths.
     store, model, out = (p if storage.is_url(p) else os.path.abspath(p) for p in (store, model, out))
     faults = _faults.active()

@@ -157,6 +157,7 @@ def write_all(out: str, rows: list[dict], summary: list[dict], metrics: list[str
     for b in browsers:
         name = f"browser_{b['track_id']}.png"
         files[name] = browser(b["panel"], b["chrom"], b["start_bin"], b["bin_size"],
-                              storage.join(out, name), peaks=b["peaks"], title=b["title"],
+                              storage.child(out, name, what=f"track id {b['track_id']}"),
+                              peaks=b["peaks"], title=b["title"],
                               ylabel=b["ylabel"])
     return files

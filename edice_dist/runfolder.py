@@ -31,7 +31,7 @@ import json
 from . import __version__, storage
 from ._partial import done_set, partial_path
 from .errors import EdiceError, InputError
-from .tracks import cell_key, split_cell_key, track_id
+from .tracks import cell_key, check_distinct_names, check_name, split_cell_key, track_id
 
 RUN_FORMAT = "edice-imputation-run"
 OUTPUT_FORMAT = "edice-imputation"
@@ -55,6 +55,35 @@ def bigwig_name(track_id_: str) -> str:
 
 def bigwig_dir(run_dir: str) -> str:
     return storage.join(run_dir, BIGWIG)
+
+
+def bigwig_path(run_dir: str, record: dict) -> str:
+    """Where the bigWig of a target record goes: inside ``RUN_DIR/bigwig`` or refused."""
+    return storage.child(bigwig_dir(run_dir), bigwig_name(record["track_id"]),
+                         what=f"the track id of target {record.get('cell_key')}:"
+                              f"{record.get('assay')}")
+
+
+def check_targets(records: list[dict], where: str) -> None:
+    """The target records of a ``run.json`` or an output store, read back: every name by
+    the one name rule, each track id the one its names give, no two alike."""
+    if not isinstance(records, list) or not records:
+        raise InputError(f"{where} lists no targets: it is damaged. Re-run `edice impute` "
+                         "with --force.")
+    for r in records:
+        try:
+            check_name(r["cell_type"], "cell type", where)
+            check_name(r["assay"], "assay", where)
+            if r["individual"]:
+                check_name(r["individual"], "individual", where)
+            ok = (r["cell_key"] == cell_key(r["cell_type"], r["individual"])
+                  and r["track_id"] == track_id(r["cell_key"], r["assay"]))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise InputError(f"{where}: the target record {r!r} is inconsistent: the run "
+                             "folder is damaged. Re-run `edice impute` with --force.")
+    check_distinct_names([(r["cell_key"], r["assay"]) for r in records], where)
 
 
 def output_path(run_dir: str) -> str:
@@ -108,9 +137,12 @@ def run_info(store, model: str, model_sha256: str, targets: list[dict], chroms: 
 
 
 def read(run_dir: str) -> dict | None:
-    """``run.json`` of ``run_dir``; None when there is none."""
-    return storage.read_json(storage.join(run_dir, RUN_JSON),
+    """``run.json`` of ``run_dir`` with its targets checked; None when there is none."""
+    info = storage.read_json(storage.join(run_dir, RUN_JSON),
                              "Re-run with --force to start this run over.")
+    if info is not None:
+        check_targets(info.get("targets"), storage.join(run_dir, RUN_JSON))
+    return info
 
 
 def write(run_dir: str, info: dict) -> None:
@@ -232,7 +264,9 @@ def finished_output(run_dir: str) -> tuple[str, dict]:
         raise InputError(f"{run_dir} holds no imputation output ({out_zarr} is missing). "
                          "Run `edice impute --out RUN_DIR` first.")
     group = zarr.open_group(storage.zarr_store(out_zarr, read_only=True), mode="r")
-    return out_zarr, dict(group.attrs)
+    attrs = dict(group.attrs)
+    check_targets(attrs.get("targets"), out_zarr)
+    return out_zarr, attrs
 
 
 def describe(run_dir: str) -> str:

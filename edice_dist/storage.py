@@ -71,6 +71,40 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(_strip_file(base), *parts)
 
 
+def child(root: str, *parts: str, what: str = "a name") -> str:
+    """``root`` joined with ``parts``, refused when the result would not lie inside ``root``.
+
+    Every output path built from a name that came from a file (a cell type in a model, a
+    track id in a store) goes through here, after the names themselves were checked
+    (:func:`edice_dist.tracks.check_name`): a second line against writing elsewhere.
+
+    Raises
+    ------
+    InputError
+        Naming ``what`` gave the offending part and the folder it would leave.
+    """
+    import posixpath
+
+    from .errors import InputError
+
+    path = join(root, *parts)
+    if is_url(root):
+        base = str(root).rstrip("/")
+        inner = posixpath.normpath(path[len(base):].lstrip("/") or ".")
+        ok = path.startswith(base + "/") and not inner.startswith("..") and inner != "."
+    else:
+        base = os.path.normpath(os.path.abspath(_strip_file(root)))
+        full = os.path.normpath(os.path.abspath(path))
+        ok = full.startswith(base.rstrip(os.sep) + os.sep)
+    if not ok or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise InputError(
+            f"Refusing to write {path}: {what} ({'/'.join(parts)!r}) would place it outside "
+            f"the output folder {root}. Names that become file names may not contain '/' "
+            "or be '.' or '..'; fix the name where it comes from."
+        )
+    return path
+
+
 def parent(path: str) -> str:
     if is_url(path):
         return str(path).rstrip("/").rsplit("/", 1)[0]
@@ -139,7 +173,9 @@ def list_dir(path: str) -> list[str]:
 
 
 def read_text(path: str) -> str:
-    with fsspec.open(_strip_file(path) if not is_url(path) else path, "r",
+    """The text of a UTF-8 file; a leading byte-order mark (as some editors write) is
+    dropped, so that a manifest's first column is still called ``cell_type``."""
+    with fsspec.open(_strip_file(path) if not is_url(path) else path, "r", encoding="utf-8-sig",
                      **storage_options(path)) as f:
         return f.read()
 
@@ -235,12 +271,58 @@ def upload(local_path: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
-def zarr_store(path: str, read_only: bool = False):
-    """A zarr v3 store object for a local path or URL."""
+def zarr_store(path: str, read_only: bool = False, strict: bool = False):
+    """A zarr v3 store object for a local path or URL.
+
+    With ``strict``, reading a chunk that is not there raises an InputError naming it
+    instead of returning the array's fill value, which is what zarr does (so a deleted
+    chunk of a finished store would read as zeros). The writers of finished stores write
+    every chunk, empty ones included, so that any missing one is damage.
+    """
     import zarr.storage
 
     if is_url(path):
-        return zarr.storage.FsspecStore.from_url(
+        store = zarr.storage.FsspecStore.from_url(
             path, storage_options=storage_options(path), read_only=read_only
         )
-    return zarr.storage.LocalStore(os.path.abspath(_strip_file(path)), read_only=read_only)
+    else:
+        store = zarr.storage.LocalStore(os.path.abspath(_strip_file(path)), read_only=read_only)
+    return _strict_store(store, path) if strict else store
+
+
+def is_chunk_key(key: str) -> bool:
+    """A chunk (or shard) key of a zarr v3 array (``<array>/c/<i>/<j>``), not metadata."""
+    return key.startswith("c/") or "/c/" in key
+
+
+def _strict_store(store, root: str):
+    """``store`` wrapped so that a missing chunk raises (see :func:`zarr_store`)."""
+    from zarr.storage import WrapperStore
+
+    from .errors import InputError
+
+    def missing(key: str) -> InputError:
+        return InputError(
+            f"The chunk file {join(root, key)} is missing: the store is damaged (a finished "
+            "store has every chunk). Re-create it with the command that wrote it (`edice "
+            "ingest`, or `edice impute --force` for an imputation's output).")
+
+    class StrictStore(WrapperStore):
+        async def get(self, key, prototype, byte_range=None):
+            value = await self._store.get(key, prototype, byte_range)
+            if value is None and is_chunk_key(key):
+                raise missing(key)
+            return value
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            values = await self._store.get_partial_values(prototype, key_ranges)
+            for (key, _), value in zip(key_ranges, values, strict=True):
+                if value is None and is_chunk_key(key):
+                    raise missing(key)
+            return values
+
+        def _with_store(self, store):
+            return _strict_store(store, root)
+
+    return StrictStore(store)

@@ -66,15 +66,85 @@ def track_id(cell_key_: str, assay: str) -> str:
     return f"{cell_key_}-{assay}"
 
 
-def _check_name(value: str, column: str, where: str) -> None:
-    if not value:
-        raise InputError(f"{where}: the {column} column is empty. Every row needs a {column}.")
+NAME_CHARS = "letters, digits and _ . + - ( ) [ ]"
+MAX_NAME = 80
+"""Longest cell type, assay or individual name: ``.<cell>@<individual>-<assay>.bigWig.tmp``
+then stays within the 255 bytes a file name may have."""
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a cell type, assay or individual name; None when it can.
+
+    The one rule for every name that becomes part of a path, wherever it was read (a
+    manifest, a targets file, a store's attributes, a model's metadata, a run's
+    ``run.json``): names become file names (``<cell_type>-<assay>.bigWig``), and target
+    lists use ``:``, ``,`` and ``@``, so only :data:`NAME_CHARS` are allowed, not a
+    leading ``.`` (``.``, ``..`` and hidden files), at most :data:`MAX_NAME` characters.
+    """
+    if not isinstance(value, str) or not value:
+        return "is empty"
+    if len(value) > MAX_NAME:
+        return f"is longer than {MAX_NAME} characters"
     if not _NAME.match(value):
+        return f"has characters other than {NAME_CHARS}"
+    if value.startswith("."):
+        return "starts with '.'"
+    return None
+
+
+def check_name(value: str, what: str, where: str) -> None:
+    """Raise an InputError naming ``where`` when ``value`` breaks :func:`name_problem`."""
+    problem = name_problem(value)
+    if problem == "is empty":
+        raise InputError(f"{where}: the {what} is empty; every track needs one.")
+    if problem:
         raise InputError(
-            f"{where}: {column} {value!r} has characters other than letters, digits and "
-            "_ . + - ( ) [ ]. Names become file names and target lists use ':' , ',' and '@', "
-            "so rename it."
+            f"{where}: {what} {value!r} {problem}. Names become file names and target lists "
+            "use ':' , ',' and '@', so rename it."
         )
+
+
+def check_cell_key(key: str, where: str) -> None:
+    """Check a model cell (``cell_type`` or ``cell_type@individual``) with the name rule."""
+    cell, ind = split_cell_key(key)
+    check_name(cell, "cell type", where)
+    if "@" in key:
+        check_name(ind, "individual", where)
+
+
+def check_distinct_names(pairs, where: str) -> None:
+    """Refuse (cell_key, assay) pairs of which two different ones share a track id.
+
+    Names may contain ``-`` (``IMR-90``, ``DNase-seq``) and the track id (SPEC 3's bigWig
+    name ``<cell_type>-<assay>``) joins them with ``-``, so ``A-B`` x ``C`` and ``A`` x
+    ``B-C`` would both be ``A-B-C.bigWig``, one file for two tracks.
+
+    Parameters
+    ----------
+    pairs : iterable of (cell_key, assay); e.g. a whole vocabulary's cross product, so
+        that any target a model may be asked for has a file name of its own.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for c, a in pairs:
+        tid = track_id(c, a)
+        other = seen.setdefault(tid, (c, a))
+        if other != (c, a):
+            raise InputError(
+                f"{where}: the pairs {other[0]} x {other[1]} and {c} x {a} would both be named "
+                f"{tid} (bigWig {tid}.bigWig), because names contain '-'. Rename a cell type "
+                "or an assay (e.g. replace '-' by '_' in it) so that every pair has a name "
+                "of its own."
+            )
+
+
+def check_vocabulary(cell_keys, assays, where: str) -> None:
+    """Check a vocabulary: every name by the name rule, and no two of its (cell, assay)
+    pairs sharing a file name (:func:`check_distinct_names`)."""
+    for c in cell_keys:
+        check_cell_key(c, where)
+    for a in assays:
+        check_name(a, "assay", where)
+    check_distinct_names(((c, a) for c in cell_keys for a in assays), where)
 
 
 def read_manifest(path: str) -> list[Track]:
@@ -114,11 +184,11 @@ def read_manifest(path: str) -> list[Track]:
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
         where = f"{path}, line {lineno}"
         cell, assay, src = row["cell_type"], row["assay"], row["path"]
-        _check_name(cell, "cell_type", where)
-        _check_name(assay, "assay", where)
+        check_name(cell, "cell_type column", where)
+        check_name(assay, "assay column", where)
         individual = row.get("individual", "")
         if individual:
-            _check_name(individual, "individual", where)
+            check_name(individual, "individual column", where)
         split = row.get("split", "") or "train"
         if split not in SPLITS:
             raise InputError(f"{where}: split {split!r} must be one of {', '.join(SPLITS)}.")
@@ -137,6 +207,8 @@ def read_manifest(path: str) -> list[Track]:
         tracks.append(Track(cell, assay, src, split, individual))
     if not tracks:
         raise InputError(f"Manifest {path} has a header but no tracks.")
+    check_vocabulary(sorted({t.cell_key for t in tracks}), sorted({t.assay for t in tracks}),
+                     f"Manifest {path}")
     return tracks
 
 
@@ -161,14 +233,24 @@ def parse_targets(spec: str) -> list[tuple[str, str]]:
         ":" not in spec and storage.exists(spec)
     ):
         text = storage.read_input(spec, "targets file")
-        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-        rows = list(csv.DictReader(io.StringIO("\n".join(lines)), delimiter="\t"))
+        kept = [(i, ln) for i, ln in enumerate(text.splitlines(), 1)
+                if ln.strip() and not ln.startswith("#")]
+        rows = list(csv.DictReader(io.StringIO("\n".join(ln for _, ln in kept)), delimiter="\t"))
         if not rows or "cell_type" not in rows[0] or "assay" not in rows[0]:
             raise InputError(
                 f"Targets file {spec} needs a tab-separated header with cell_type and assay."
             )
-        return [(cell_key(r["cell_type"].strip(), (r.get("individual") or "").strip()),
-                 r["assay"].strip()) for r in rows]
+        pairs = []
+        for (lineno, line), r in zip(kept[1:], rows, strict=False):
+            cell, assay = (r.get("cell_type") or "").strip(), (r.get("assay") or "").strip()
+            if not cell or not assay:
+                raise InputError(
+                    f"Targets file {spec}, line {lineno}: {line.strip()!r} lacks "
+                    f"{'a cell_type' if not cell else 'an assay'}. Every row needs a cell type and "
+                    "an assay, separated by a tab, under the header's columns."
+                )
+            pairs.append((cell_key(cell, (r.get("individual") or "").strip()), assay))
+        return pairs
     out = []
     for item in spec.split(","):
         item = item.strip()

@@ -21,6 +21,7 @@ from . import runfolder, spaces, storage
 from .errors import InputError
 from .genome import Genome, read_chrom_sizes
 from .tracks import cell_key as make_cell_key
+from .tracks import check_distinct_names, check_name
 from .tracks import track_id as make_track_id
 
 
@@ -75,13 +76,18 @@ def read_truth(path: str) -> list[TruthTrack]:
     for lineno, r in enumerate(rows, 2):
         if not r["cell_type"] or not r["assay"] or not r["path"]:
             raise InputError(f"{path}, line {lineno}: cell_type, assay and path must be filled.")
+        check_name(r["cell_type"], "cell_type column", f"{path}, line {lineno}")
+        check_name(r["assay"], "assay column", f"{path}, line {lineno}")
+        if r.get("individual"):
+            check_name(r["individual"], "individual column", f"{path}, line {lineno}")
         t = TruthTrack(r["cell_type"], r["assay"], _resolve(base, r["path"]),
                        _resolve(base, r.get("peaks", "")), r.get("individual", ""))
-        if t.track_id in seen:
+        if (t.cell_key, t.assay) in seen:
             raise InputError(f"{path}, line {lineno}: {t.track_id} is listed twice "
-                             f"(first at line {seen[t.track_id]}).")
-        seen[t.track_id] = lineno
+                             f"(first at line {seen[t.cell_key, t.assay]}).")
+        seen[t.cell_key, t.assay] = lineno
         out.append(t)
+    check_distinct_names([(t.cell_key, t.assay) for t in out], f"Truth manifest {path}")
     return out
 
 

@@ -101,6 +101,7 @@ def tiny(tmp_path_factory):
     grp = store_mod.create(spath, GENOME, tracks, chunk_bins=512, dtype="float32")
     for c in SIZES:
         grp["signal"][c][:] = np.stack([obs[t.track_id][c] for t in tracks], axis=1)
+    store_mod.mark_complete(spath)
     return {"root": root, "truth": truth, "imputed": imputed, "obs": obs, "tracks": tracks,
             "peaks": {c: peak_mask(peaks_iv, c) for c in SIZES}, "store": spath,
             "promoter": {c: peak_mask([("chrA", 0, 2000), ("chrB", 1000, 1500)], c)

@@ -43,6 +43,7 @@ def make_store(path, seed=0, transform=None):
     for c in root.attrs["chroms"]:
         vals = np.arcsinh(rng.gamma(0.7, 2.0, (c["n_bins"], len(TRACKS))))
         root["signal"][c["array"]][:] = vals.astype(np.float32)
+    S.mark_complete(str(path))
     return str(path)
 
 

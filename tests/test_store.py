@@ -11,7 +11,7 @@ import zarr
 
 from edice_dist import store as store_mod
 from edice_dist.cli import main
-from edice_dist.errors import InputError
+from edice_dist.errors import EdiceError, InputError
 from edice_dist.genome import Genome
 from edice_dist.store import array_key, create, describe, open_store, presence_matrix
 from edice_dist.tracks import Track
@@ -35,6 +35,7 @@ def _filled(path, dtype="float16", chunk_bins=30, seed=0):
         x = np.arcsinh(rng.gamma(1.0, 2.0, (nb, len(TRACKS))))
         root["signal"][array_key(c, i)][:] = x.astype(dtype)
         data[c] = x
+    store_mod.mark_complete(str(path))
     return path, data
 
 
@@ -75,10 +76,30 @@ def test_read_windows_across_chunks(tmp_path, dtype, rtol):
             st.read("chr1", a, b)
 
 
-def test_unwritten_chunks_read_as_zero(tmp_path):
+def test_a_store_knows_its_chunks(tmp_path):
+    """Unwritten or deleted chunks are errors naming the chunk file, never zeros (zarr's
+    fill value); a damaged chunk is an error naming it too (the CRC32C codec)."""
     create(str(tmp_path / "s"), GENOME, TRACKS, chunk_bins=30)
-    st = open_store(str(tmp_path / "s"))
-    assert not st.read("chr1", 0, 101).any()
+    with pytest.raises(InputError, match="unfinished track store"):
+        open_store(str(tmp_path / "s"))  # not finalised
+    with pytest.raises(EdiceError, match=r"lacks 7 chunk file\(s\) \(signal/chr1/c/0/0"):
+        store_mod.mark_complete(str(tmp_path / "s"))
+    assert "finalised" not in json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"]
+
+    path, data = _filled(tmp_path / "f", dtype="float32")
+    os.remove(path / "signal" / "chr1" / "c" / "1" / "0")
+    st = open_store(str(path))
+    np.testing.assert_allclose(st.read("chr1", 0, 30), data["chr1"][:30], rtol=1e-7)
+    with pytest.raises(InputError, match=r"chr1 bins 25-65: The chunk file .*signal/chr1/c/1/0 "
+                                         "is missing"):
+        st.read("chr1", 25, 65)
+    chunk = path / "signal" / "chr1" / "c" / "2" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one damaged byte inside the compressed data
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"chr1 bins 60-90 \(chunk file .*signal/chr1/c/2/0\).*"
+                                         "checksum.*damaged"):
+        st.read("chr1", 60, 90)
 
 
 def test_default_codec_round_trips(tmp_path):

@@ -70,4 +70,5 @@ def make_store(path: str, n_cells: int = 6, n_assays: int = 4,
         root["signal"][store.array_key(c, genome.chroms.index(c))][:] = vals.astype(dtype)
         truth[c] = vals
         off += n
+    store.mark_complete(path)  # what ingest does last
     return store.open_store(path), truth
