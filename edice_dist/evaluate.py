@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import __version__, spaces, storage
+from . import __version__, owned, spaces, storage
 from .errors import EdiceError, InputError
 from .genome import Genome, bed_bin_mask, read_bed
 from .metrics import METRICS, PEAK_PVAL, REGIONS, call_peaks, lower_is_better, track_metrics
@@ -511,7 +511,7 @@ def evaluate(
         check_header(preds[t.track_id][0], f"imputed {t.track_id}", genome)
     ann = _annotation(annotation, truth)
     out = out or storage.join(storage.parent(imputed.rstrip("/")), "evaluation")
-    storage.makedirs(out)
+    owned.claim(out, "evaluation")
     jobs = plan_jobs(truth_tracks, preds, genome, space, st, ann, tmpdir, read_bins)
     store_id = json.dumps(_stat(storage.join(store, "zarr.json"))) if store else ""
     jobs = [replace(j, fingerprint=_fingerprint(j, store_id)) for j in jobs]

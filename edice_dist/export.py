@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 from . import hub as _hub
-from . import runfolder, spaces, storage
-from .errors import EdiceError, InputError
+from . import owned, runfolder, spaces, storage
+from .errors import EdiceError, InputError, explain
 from .progress import Progress, log
 from .runfolder import bigwig_name
 
@@ -46,8 +46,19 @@ def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
     ------
     EdiceError
         A value is not finite (an uncomputed chunk, or an overflow in -log10 p space);
-        the message names the target, chromosome and bins.
+        the message names the target, chromosome and bins. Any other failure (a full
+        disk, a damaged output store) names the target and the file.
     """
+    try:
+        return _write_bigwig(out_zarr, k, dest, space)
+    except EdiceError:
+        raise
+    except Exception as e:
+        raise EdiceError(f"Exporting target {k} of {out_zarr} to {dest} failed: "
+                         f"{explain(e)}") from e
+
+
+def _write_bigwig(out_zarr: str, k: int, dest: str, space: str) -> int:
     import pyBigWig
     import zarr
 
@@ -57,7 +68,7 @@ def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
     bin_size = int(attrs["bin_size"])
     chroms = attrs["chroms"]
     step = int(attrs["chunk_bins"])
-    name = bigwig_name(rec["track_id"])
+    name = storage.basename(dest)  # checked by the driver (runfolder.bigwig_path)
     if storage.is_url(dest):
         tmpdir = tempfile.mkdtemp(prefix="edice-export-")
         tmp = os.path.join(tmpdir, name)
@@ -157,8 +168,10 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
     spaces.check(space)
     _hub.check_genome(genome)
     out_zarr, attrs = runfolder.finished_output(run_dir)
+    owned.check(run_dir, "run", flag="RUN_DIR")
     records = attrs["targets"]
-    files = [bigwig_name(r["track_id"]) for r in records]
+    dests = [runfolder.bigwig_path(run_dir, r) for r in records]
+    files = [storage.basename(d) for d in dests]
     bins = sum(int(c["n_bins"]) for c in attrs["chroms"])
     bw_dir = runfolder.bigwig_dir(run_dir)
     storage.makedirs(bw_dir)
@@ -192,15 +205,14 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
             while queue or running:
                 while queue and len(running) < n:
                     k = queue.pop(0)
-                    dest = storage.join(bw_dir, files[k])
-                    running[task.remote(out_zarr, k, dest, space)] = k
+                    running[task.remote(out_zarr, k, dests[k], space)] = k
                 ready, _ = ray.wait(list(running), num_returns=1)
                 running.pop(ready[0])
                 try:
                     ray.get(ready[0])
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, EdiceError):
-                        raise e.cause from None
+                        raise e.cause from e
                     raise
                 prog.update()
         finally:

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import _faults, runfolder, spaces, storage
+from . import _faults, owned, runfolder, spaces, storage
 from ._partial import check_complete, done_set, finalise, partial_path
 from .errors import InputError
 from .hub import DEFAULT_EMAIL, check_genome
@@ -183,6 +183,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
             raise InputError(f"{name} must be an integer >= {low}, got {value}.")
     # Actors may run in another working directory (cluster jobs): pass absolute paths.
     store, model, out = (p if storage.is_url(p) else os.path.abspath(p) for p in (store, model, out))
+    owned.check(out, "run")
     faults = _faults.active()
     t0 = time.monotonic()
     n_stages = 3 if export else 2
@@ -236,7 +237,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
                 # Storage matches the compute precision: float16 holds bf16 results with
                 # room to spare (BENCHMARKS.md, "Imputation"); float32 results stay exact.
                 out_dt = "float16" if compute_dt == "bfloat16" else "float32"
-                storage.makedirs(out)
+                owned.claim(out, "run")
                 runfolder.write(out, {**info, "created": runfolder.now(), "dtype": compute_dt,
                                       "output_dtype": out_dt})
                 runfolder.create_output(

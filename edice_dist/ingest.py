@@ -30,9 +30,9 @@ import os
 
 import numpy as np
 
-from . import _faults, _partial, progress, storage
+from . import _faults, _partial, owned, progress, storage
 from . import store as store_mod
-from .errors import EdiceError, InputError
+from .errors import EdiceError, InputError, explain
 from .genome import Genome, read_chrom_sizes
 from .tracks import Track, read_manifest
 
@@ -40,6 +40,8 @@ N_STAGES = 4
 SOURCES_DIR = "_sources"
 FINGERPRINT_FILE = "_ingest.json"
 DTYPES = ("float16", "float32")
+STORE_FILES = frozenset({"zarr.json", "signal"})
+"""What a finished store holds; ``--force`` replaces a store only when it holds nothing else."""
 MAX_PARTITION_CHUNKS = 16
 """Upper bound on chunks per task: enough to amortise opening every source, small
 enough that a lost task costs little and the last tasks finish together."""
@@ -151,8 +153,11 @@ def _encode_partition(partial: str, array_key: str, chrom: str, chunks: list[int
 
     genome = Genome.from_json(genome_json, bin_size)
     nb = genome.n_bins(chrom)
+    # Every chunk is written, all-zero ones too: a finished store has every chunk file,
+    # so that a missing one reads as an error rather than as zeros (store.mark_complete).
     arr = zarr.open_group(storage.zarr_store(partial), mode="r+")["signal"][array_key]
-    written = 0
+    arr = arr.with_config({"write_empty_chunks": True})
+    done = 0  # chunks of this partition now done, by this attempt or by a failed earlier one
     _raise_nofile(len(sources))
     try:
         with contextlib.ExitStack() as stack:
@@ -160,6 +165,7 @@ def _encode_partition(partial: str, array_key: str, chrom: str, chunks: list[int
                     for p, shown, label in sources]
             for ci in chunks:
                 if _partial.is_done(partial, array_key, ci):  # a retried task
+                    done += 1
                     continue
                 a, b = ci * chunk_bins, min((ci + 1) * chunk_bins, nb)
                 block = np.empty((b - a, len(srcs)), dtype=dtype, order="F")
@@ -167,12 +173,18 @@ def _encode_partition(partial: str, array_key: str, chrom: str, chunks: list[int
                     block[:, j] = np.arcsinh(s.binned(chrom, a, b, bin_size))
                 if _faults.at_chunk(faults, "ingest_fail_chunk", chrom, ci):
                     raise RuntimeError(f"fault injected at {chrom} chunk {ci} ({_faults.ENV})")
-                arr[a:b, :] = np.ascontiguousarray(block)
-                _partial.mark_done(partial, array_key, ci)
-                written += 1
+                if _faults.at_chunk(faults, "ingest_exit_chunk", chrom, ci):
+                    _faults.exit_once(partial, f"{chrom}\t{ci}")
+                try:
+                    arr[a:b, :] = np.ascontiguousarray(block)
+                    _partial.mark_done(partial, array_key, ci)
+                except OSError as e:  # a full disk, a read-only store: say where
+                    return done, (f"Writing {chrom} chunk {ci} (bins {a}-{b}) of "
+                                  f"{partial}: {explain(e)}")
+                done += 1
     except EdiceError as e:
-        return written, str(e)
-    return written, None
+        return done, str(e)
+    return done, None
 
 
 # ---------------------------------------------------------------- driver
@@ -280,6 +292,10 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
                          "manifest's folder) and re-run.")
     codecs = store_mod.default_codecs(dtype)
     fp = fingerprint(tracks, stats, genome, chunk_bins, dtype, codecs)
+    partial = _partial.partial_path(out)
+    # Only a store (or an unfinished one) is ever replaced: never a folder of other files.
+    owned.check(out, "store")
+    owned.check(partial, "store", flag="--out's unfinished store")
 
     if storage.exists(storage.join(out, "zarr.json")):
         attrs = (_read_json(storage.join(out, "zarr.json")) or {}).get("attributes", {})
@@ -293,20 +309,19 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
                 "or settings). Choose another --out, or pass --force to replace it; the old "
                 "store is kept until the new one is complete."
             )
+        owned.check_replace(out, STORE_FILES)
         progress.log(f"  {out} exists and will be replaced when the new store is complete "
                      "(--force).")
-    elif _occupied(out) and not force:
-        raise InputError(f"{out} exists and is not a track store. Choose another --out, "
-                         "or pass --force to replace it.")
 
-    partial = _partial.partial_path(out)
     fp_path = storage.join(partial, FINGERPRINT_FILE)
     resume = (_read_json(fp_path) or {}).get("fingerprint") == fp
     if not resume:
         if storage.exists(partial):
             progress.log(f"  {partial} was made from other inputs: starting it again.")
             storage.remove(partial)
-        storage.write_text_atomic(fp_path, json.dumps({"fingerprint": fp}) + "\n")
+        # Written first: it also marks the folder as an unfinished store (owned.RECORDS).
+        storage.write_text_atomic(fp_path, json.dumps({"fingerprint": fp,
+                                                       "format": store_mod.FORMAT}) + "\n")
 
     raycluster.init()
     slots = raycluster.cpu_slots()
@@ -356,7 +371,7 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
         except Exception as e:  # a bug, or a worker lost more often than max_retries
             n = 0
             failure = EdiceError(f"The task for {chrom} chunks {idx[0]}..{idx[-1]} failed: "
-                                 f"{str(e).strip().splitlines()[-1]}.")
+                                 f"{explain(e)}")
         bar.update(n)
     if failure is not None:
         _settle(in_flight)
@@ -369,21 +384,12 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
     expected = [(c["array"], i) for c in chroms_json
                 for i in range(-(-c["n_bins"] // chunk_bins))]
     _partial.check_complete(partial, expected, "Track store")
+    store_mod.mark_complete(partial)
     storage.remove(storage.join(partial, SOURCES_DIR))
     storage.remove(fp_path)
     _partial.finalise(partial, out)
     progress.log(f"  wrote {out}: {len(tracks)} tracks x {genome.total_bins:,} bins")
     return out
-
-
-def _occupied(path: str) -> bool:
-    """Something other than an empty local folder is at ``path``."""
-    if not storage.exists(path):
-        return False
-    if storage.is_url(path):
-        return True
-    local = storage.filesystem(path)[1]
-    return not os.path.isdir(local) or bool(os.listdir(local))
 
 
 def _settle(in_flight: dict) -> None:

@@ -169,9 +169,19 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def wipe(run_dir: str) -> None:
-    """Remove what a run writes, and nothing else in the folder."""
-    for name in (BIGWIG, OUTPUT, partial_path(OUTPUT), RUN_JSON):
+def wipe(run_dir: str, info: dict | None = None) -> None:
+    """Remove what a run writes, and nothing else: the output store, ``run.json`` and, in
+    ``bigwig/``, the files that the export of the run ``info`` describes writes."""
+    bw = bigwig_dir(run_dir)
+    if info is not None and storage.exists(bw):
+        names = {bigwig_name(r["track_id"]) for r in info["targets"]}
+        names |= {BIGWIG_MANIFEST, EXPORT_JSON} | {f".{n}.tmp" for n in names}
+        for n in storage.list_dir(bw):
+            if n in names:
+                storage.remove(storage.join(bw, n))
+        if not storage.is_url(bw) and not storage.list_dir(bw):
+            storage.remove(bw)
+    for name in (OUTPUT, partial_path(OUTPUT), RUN_JSON):
         storage.remove(storage.join(run_dir, name))
 
 
@@ -199,7 +209,7 @@ def reconcile(run_dir: str, info: dict, force: bool) -> dict | None:
             )
         if force:
             log(f"--force: discarding the run in {run_dir}")
-            wipe(run_dir)
+            wipe(run_dir, old)
             return None
         return old
     if storage.exists(partial_path(output_path(run_dir))) or storage.exists(output_path(run_dir)):

@@ -85,13 +85,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import BIN_SIZE, __version__, config, storage
+from . import BIN_SIZE, __version__, config, owned, storage
 from ._partial import partial_path
 from .errors import InputError
 from .genome import Genome, read_chrom_sizes, write_chrom_sizes
 from .progress import Progress, log
-from .tracks import _NAME, Track, cell_key, track_id, write_manifest
+from .tracks import Track, cell_key, name_problem, track_id, write_manifest
 
+SIM_FILES = frozenset({"bigwig", "truth", "annotation", "chrom.sizes", "manifest.tsv",
+                       "simulation.json"})
+"""What a simulation folder holds; ``--force`` replaces one only when it holds nothing else."""
 SIM_FORMAT = "edice-simulation"
 SIM_VERSION = 1
 """Bumped whenever the generator changes what a config produces."""
@@ -227,8 +230,7 @@ class SimConfig:
         need(len(names) >= 2, "assays", "needs at least two assays")
         need(len(set(names)) == len(names), "assays", "lists an assay twice")
         for a in names:
-            need(bool(_NAME.match(a)), "assays",
-                 f"assay {a!r} may only use letters, digits and _ . + - ( ) [ ]")
+            need(name_problem(a) is None, "assays", f"assay {a!r} {name_problem(a)}")
         if ":" not in self.chrom_sizes and self.genome_bp == 0:
             g = read_chrom_sizes(self.chrom_sizes)  # a file: record the sizes themselves
             self.chrom_sizes = ",".join(f"{c}:{s}" for c, s in zip(g.chroms, g.sizes, strict=True))
@@ -1009,25 +1011,27 @@ def simulate(out_dir: str, cfg: SimConfig | None = None) -> dict:
                "held_out": len(plan.held_out), "cell_keys": len(plan.keys),
                "assays": len(plan.assays), "genome_bp": int(sum(genome.sizes)),
                "bins": genome.total_bins, "skipped": False}
-    if storage.exists(out_dir):
+    # Only a simulation (or a new or empty folder) is ever written or replaced.
+    if owned.check(out_dir, "simulation", flag="OUT_DIR", empty_ok=False):
         same = _same_config(out_dir, cfg)
         if same and not cfg.force:
             log(f"simulate: {out_dir} already holds this simulation; nothing to do.")
             return {**summary, "skipped": True}
         if not cfg.force:
-            what = ("a simulation made with another config" if same is False
-                    else "files that are not a simulation (no simulation.json)")
             raise InputError(
-                f"{out_dir} already exists and holds {what}. Choose another folder, or pass "
-                "--force=true to replace it."
+                f"{out_dir} already holds a simulation made with another config. Choose "
+                "another folder, or pass --force=true to replace it."
             )
+        owned.check_replace(out_dir, SIM_FILES, flag="OUT_DIR")
 
     url = storage.is_url(out_dir)
     root = tempfile.mkdtemp(prefix="edice-sim-") if url else partial_path(out_dir)
     if not url and os.path.exists(root):
+        owned.check(root, "simulation", flag="OUT_DIR's unfinished folder")
         log(f"simulate: removing the unfinished {root} of an earlier run.")
         shutil.rmtree(root)
     try:
+        owned.claim(root, "simulation")  # first, so that an unfinished one is known as ours
         for sub in ("bigwig", "truth/peaks", "annotation"):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
         write_chrom_sizes(os.path.join(root, "chrom.sizes"), genome)

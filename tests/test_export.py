@@ -9,6 +9,7 @@ import pyBigWig
 import pytest
 import zarr
 
+from edice_dist import owned
 from edice_dist.errors import EdiceError, InputError
 from edice_dist.export import export, write_bigwig
 
@@ -27,6 +28,7 @@ TARGETS = [
 
 def make_run(run_dir, seed=0, nan_at=None):
     """A run folder with a hand-written output store; returns {chrom: (K, n_bins) values}."""
+    owned.claim(run_dir, "run")  # as edice impute does, before it writes
     rng = np.random.default_rng(seed)
     root = zarr.open_group(os.path.join(run_dir, "imputed.zarr"), mode="w", zarr_format=3)
     meta, data = [], {}
