@@ -57,11 +57,17 @@ def resolve_targets(spec, store, meta: dict) -> list[tuple[str, str]]:
     if spec is None:
         observed = {(t.cell_key, t.assay) for t in store.tracks if t.split in SUPPORT_SPLITS}
         pairs = [(c, a) for c in cells for a in assays if (c, a) not in observed]
+        pairs, untrained = _trained_only(pairs, meta)
+        if untrained:
+            log(f"warning: not imputing {len(untrained)} pair(s) whose cell type or assay had "
+                f"no training track when the model was trained ({_untrained_text(untrained, meta)})"
+                ": their embeddings are untrained, so their predictions would be noise. Train "
+                "or fine-tune the model on a store where they have train-split tracks.")
         if not pairs:
             raise InputError(
                 f"Store {store.path} observes every (cell type, assay) pair of the model's "
-                "vocabulary, so there is nothing to impute. Name targets with --targets "
-                "(observed pairs are allowed, for quality control)."
+                "vocabulary that the model was trained for, so there is nothing to impute. "
+                "Name targets with --targets (observed pairs are allowed, for quality control)."
             )
         return pairs
     pairs = parse_targets(spec) if isinstance(spec, str) else [tuple(p) for p in spec]
@@ -78,6 +84,14 @@ def resolve_targets(spec, store, meta: dict) -> list[tuple[str, str]]:
             f"{', '.join(cells[:20])}{', ...' if len(cells) > 20 else ''} and the assays "
             f"{', '.join(assays)}. A model can only impute pairs of its vocabulary."
         )
+    _, untrained = _trained_only(pairs, meta)
+    if untrained:
+        raise InputError(
+            f"{len(untrained)} target(s) have a cell type or assay that had no training track "
+            f"when the model was trained: {_untrained_text(untrained, meta)}. Their embeddings "
+            "were never trained, so their predictions would be noise. Drop those targets, or "
+            "train (or fine-tune) the model on a store where they have train-split tracks."
+        )
     seen, out = set(), []
     for p in pairs:  # duplicates would give two writers the same bigWig
         if p not in seen:
@@ -86,6 +100,29 @@ def resolve_targets(spec, store, meta: dict) -> list[tuple[str, str]]:
     if not out:
         raise InputError("The target list is empty.")
     return out
+
+
+def _trained_only(pairs: list[tuple[str, str]], meta: dict) -> tuple[list, list]:
+    """(pairs whose cell and assay had training tracks, the others). A model that does not
+    record what it was trained on (one not made by `edice train`) is trusted, with a note."""
+    cells, assays = meta.get("trained_cell_keys"), meta.get("trained_assays")
+    if cells is None or assays is None:
+        log("note: the model does not record which cell types and assays had training "
+            "tracks, so targets cannot be checked for untrained embeddings")
+        return list(pairs), []
+    cells, assays = set(cells), set(assays)
+    good = [(c, a) for c, a in pairs if c in cells and a in assays]
+    return good, [(c, a) for c, a in pairs if c not in cells or a not in assays]
+
+
+def _untrained_text(pairs: list[tuple[str, str]], meta: dict) -> str:
+    cells = sorted({c for c, _ in pairs} - set(meta["trained_cell_keys"]))
+    assays = sorted({a for _, a in pairs} - set(meta["trained_assays"]))
+    parts = ([f"cell type(s) {', '.join(cells[:8])}{', ...' if len(cells) > 8 else ''}"]
+             if cells else []) + ([f"assay(s) {', '.join(assays[:8])}"
+                                   f"{', ...' if len(assays) > 8 else ''}"] if assays else [])
+    shown = ", ".join(f"{c}:{a}" for c, a in pairs[:6]) + (", ..." if len(pairs) > 6 else "")
+    return f"{' and '.join(parts)} never trained; target(s) {shown}"
 
 
 def select_supports(store, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _faults, checkpoint, storage
-from .errors import EdiceError, InputError
+from . import _faults, checkpoint, owned, storage
+from .errors import EdiceError, InputError, explain
 from .model import EDICE, ModelConfig
 from .progress import log
 from .sampler import TrainSampler, effective_n_targets
@@ -104,6 +104,21 @@ def plan_tracks(st: TrackStore, cfg: TrainConfig) -> TrackPlan:
         )
     k = effective_n_targets(cfg.n_targets, len(train_cols), cfg.max_target_fraction)
     return TrackPlan(train_cols, val_cols, source, k)
+
+
+def _trained_vocab(st: TrackStore, plan: TrackPlan, cells: list[str], assays: list[str],
+                   base_model: str | None) -> tuple[list[str], list[str]]:
+    """The cell keys and assays of the vocabulary whose embeddings training updates: those
+    of the training tracks (and, when fine-tuning, those the base model was trained on).
+    A name with only val/test tracks keeps its random initial embedding; impute refuses
+    it as a target (:func:`edice_dist.impute.resolve_targets`)."""
+    tc = {st.tracks[i].cell_key for i in plan.inputs}
+    ta = {st.tracks[i].assay for i in plan.inputs}
+    if base_model:
+        base = checkpoint.load_meta(base_model)
+        tc |= set(base.get("trained_cell_keys", base["cell_keys"]))
+        ta |= set(base.get("trained_assays", base["assays"]))
+    return [c for c in cells if c in tc], [a for a in assays if a in ta]
 
 
 def _vocab_index(st: TrackStore, cells: list[str], assays: list[str]) -> tuple[list, list]:
@@ -240,6 +255,7 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
     model, base model); the rest are decided here.
     """
     kind = record["kind"]
+    owned.check(out, "model")  # a model folder of ours, or a new one: never a user's files
     old = checkpoint.read_record(out)
     if old is None and storage.exists(storage.join(out, "model.pt")):
         raise InputError(f"{out} already holds a model that this command did not train "
@@ -286,7 +302,7 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
                  workers, cfg.bins_per_epoch, cfg.shuffle_chunks)
     record = {**record, "status": "running", "patience_from": patience_from,
               "updated": _now()}
-    storage.makedirs(out)
+    owned.claim(out, "model")
     checkpoint.write_record(out, record)
     run_name = checkpoint.next_run_name(out)
     tc, ta = _vocab_index(st, cells, assays)
@@ -303,6 +319,13 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
         f"{len(assays)} assays; {workers} worker(s) on {'GPU' if use_gpu else 'CPU'} "
         f"({cpus} CPU each); run {run_name}")
     log(f"{kind} config: {describe_config(cfg)}")
+    tc, ta = _trained_vocab(st, plan, cells, assays, job.base_model)
+    never = [c for c in cells if c not in tc] + [a for a in assays if a not in ta]
+    if never:
+        log(f"warning: no training track for {', '.join(never[:8])}"
+            f"{', ...' if len(never) > 8 else ''}: their embeddings stay untrained, and edice "
+            "impute will refuse them as targets. Give them train-split tracks in the manifest "
+            "to train them.")
     result = _fit(job, workers, cpus)
     return _finalise(out, record, plan, st, cells, assays, job, result)
 
@@ -341,6 +364,13 @@ def _resources(cfg: TrainConfig) -> tuple[bool, int, int]:
     if cfg.batch_size < workers:
         raise InputError(f"batch_size {cfg.batch_size} is smaller than the {workers} workers "
                          "it is split across.")
+    if cfg.batch_size % workers:
+        # Each worker takes batch_size // workers bins: the global batch would shrink.
+        lo, hi = cfg.batch_size // workers * workers, -(-cfg.batch_size // workers) * workers
+        raise InputError(f"batch_size {cfg.batch_size} is not divisible by the {workers} "
+                         f"workers it is split across (each would take "
+                         f"{cfg.batch_size // workers} bins, a global batch of {lo}). Use a "
+                         f"multiple of {workers}, e.g. --batch_size={lo} or --batch_size={hi}.")
     return use_gpu, workers, cpus
 
 
@@ -360,13 +390,31 @@ def _default_cpus_per_worker(workers: int, use_gpu: bool) -> int:
     return max(1, min(raycluster.cpu_slots() // workers, largest))
 
 
+def _trainer_class() -> type:
+    """Ray Train's TorchTrainer, less its Ctrl-C handler.
+
+    Ray Train replaces the SIGINT handler while it runs: Ctrl-C then aborts the run and the
+    process exits with status 1 and no message. Without it, Ctrl-C is a KeyboardInterrupt
+    in the driver as in every other stage (``interrupted; re-run ... to resume``, status
+    130), and :func:`_fit` aborts the run itself.
+    """
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        controller = None
+
+        def _register_sigint_handler(self, controller) -> None:
+            self.controller = controller
+
+    return Trainer
+
+
 def _fit(job: WorkerConfig, workers: int, cpus: int):
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     out = job.out
     storage_path, fs = _ray_storage(storage.join(out, "ray"))
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         # Bound here so that every worker gets the typed config, not Ray's config dict.
         functools.partial(train_loop, job),
         scaling_config=ray.train.ScalingConfig(
@@ -386,8 +434,15 @@ def _fit(job: WorkerConfig, workers: int, cpus: int):
     )
     try:
         return trainer.fit()
+    except KeyboardInterrupt:
+        if trainer.controller is not None:  # stop the workers; the checkpoints stay
+            import contextlib
+
+            with contextlib.suppress(Exception):
+                ray.get(trainer.controller.abort.remote(), timeout=30)
+        raise
     except Exception as e:
-        raise _training_error(e, out) from None
+        raise _training_error(e, out) from e
 
 
 def _training_error(e: Exception, out: str) -> EdiceError:
@@ -401,10 +456,8 @@ def _training_error(e: Exception, out: str) -> EdiceError:
             cause = getattr(cause, "cause", None) or cause.__cause__
             seen += 1
     first = next(iter(failures.values()), e)
-    text = str(first).strip().splitlines()
-    brief = text[-1] if text else type(first).__name__
     return EdiceError(
-        f"Training failed ({type(e).__name__}: {brief}). The checkpoints so far are kept in "
+        f"Training failed: {explain(first)} The checkpoints so far are kept in "
         f"{storage.join(out, 'ray')}; run the same command again to resume from the latest."
     )
 
@@ -433,9 +486,12 @@ def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, as
     history = m["history"]
     best_row = next(r for r in history if r["epoch"] == best_epoch)
     ids = st.track_ids()
+    trained_cells, trained_assays = _trained_vocab(st, plan, cells, assays, job.base_model)
     info = {
         "cell_keys": cells,
         "assays": assays,
+        "trained_cell_keys": trained_cells,
+        "trained_assays": trained_assays,
         "transform": st.transform,
         "kind": record["kind"],
         "train_config": record["config"],
