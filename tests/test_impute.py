@@ -10,6 +10,7 @@ import pyBigWig
 import pytest
 import torch
 import zarr
+from failcheck import changes, cli, paragraph, tree
 
 from edice_dist import _faults
 from edice_dist import store as S
@@ -246,3 +247,108 @@ def test_pool_shape():
     assert pool_shape(8, 0, gpus=2, autoscaling=True) == (2, {"num_gpus": 1, "num_cpus": 1}, 4)
     with pytest.raises(InputError, match="more GPUs"):
         pool_shape(16, 1, gpus=2)
+
+
+# -- the failure table (issue 10): messages, exit status, nothing changed outside --------
+
+def _run_cli(world, out, capsys, *extra):
+    return cli(["impute", "--store", world["store"], "--model", world["model"], "--out", out,
+                "--workers", "1", *extra], capsys)
+
+
+def test_foreign_bigwigs_in_the_run_folder_are_never_taken_or_replaced(world, tmp_path, capsys):
+    """Row: ``--out DIR`` where ``DIR/bigwig/`` holds unrelated bigWigs with matching names
+    was reported as already exported (and with --force overwritten). A folder without
+    edice's marker is refused, with or without --force."""
+    out = tmp_path / "run"
+    (out / "bigwig").mkdir(parents=True)
+    (out / "bigwig" / "D-DNase.bigWig").write_bytes(b"someone else's bigWig")
+    before = tree(tmp_path)
+    for extra in ((), ("--force",)):
+        rc, err = _run_cli(world, out, capsys, *extra)
+        line = paragraph(err, "edice impute")
+        assert rc == 1 and f"--out {out} is not an imputation run folder" in line
+        assert "bigwig" in line and "not even with --force" in line
+        assert changes(before, tree(tmp_path)) == []
+
+
+def test_missing_corrupt_and_unwritable_chunks_name_the_chunk(world, tmp_path, capsys,
+                                                               monkeypatch):
+    """Rows: one chunk file deleted from a finished store (read as zeros, exit 0); a
+    corrupt store chunk or a full disk during impute (three actor failures, then a remote
+    stack trace naming the wrong chunk and no file). Now: at the first failure, one
+    paragraph naming the chunk, its bins and the file."""
+    store = tmp_path / "store"
+    import shutil
+
+    shutil.copytree(world["store"], store)
+    chunk = store / "signal" / "chr1" / "c" / "2" / "0"
+    os.remove(chunk)
+    rc, err = cli(["impute", "--store", store, "--model", world["model"], "--out",
+                   tmp_path / "r1", "--workers", "1", "--no-export"], capsys)
+    line = paragraph(err, "edice impute")
+    assert rc == 1 and "chr1 bins 128-192 (chunk 2)" in line
+    assert f"The chunk file {chunk} is missing" in line
+    assert "failed 3 times" not in err and "replacing it" not in err  # no retries
+
+    shutil.copyfile(os.path.join(world["store"], "signal", "chr1", "c", "2", "0"), chunk)
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    chunk.write_bytes(bytes(raw))
+    rc, err = cli(["impute", "--store", store, "--model", world["model"], "--out",
+                   tmp_path / "r2", "--workers", "1", "--no-export"], capsys)
+    line = paragraph(err, "edice impute")
+    assert rc == 1 and "chr1 bins 128-192 (chunk 2)" in line and str(chunk) in line
+    assert "checksum" in line and "replacing it" not in err
+
+    monkeypatch.setenv(_faults.ENV, json.dumps({"impute_enospc_chunk": "chr2:1"}))
+    before = tree(tmp_path, skip=("r3",))
+    rc, err = _run_cli(world, tmp_path / "r3", capsys, "--no-export")
+    line = paragraph(err, "edice impute")
+    part = tmp_path / "r3" / "imputed.zarr.partial"
+    assert rc == 1 and f"chr2 bins 64-128 (chunk 1) failed while writing {part}" in line
+    assert "no space is left on the device (ENOSPC)" in line and "replacing it" not in err
+    assert changes(before, tree(tmp_path, skip=("r3",))) == []
+
+
+def test_bad_settings_fail_before_any_work(world, tmp_path, capsys):
+    """Row: ``--batch-bins 0`` during impute (actor failures, then run.json and a
+    .partial left behind). Settings are checked before anything is written; a targets
+    TSV with a short row (an AttributeError traceback) names its file and line."""
+    before = tree(tmp_path)
+    rc, err = _run_cli(world, tmp_path / "run", capsys, "--batch-bins", "0")
+    assert rc == 1 and "--batch-bins must be an integer >= 1" in paragraph(err, "edice impute")
+    with pytest.raises(InputError, match="--batch-bins"):
+        impute(world["store"], world["model"], str(tmp_path / "run"), batch_bins=0)
+    assert changes(before, tree(tmp_path)) == []
+
+    targets = tmp_path / "targets.tsv"
+    targets.write_text("cell_type\tassay\nD\tDNase\nA\n")
+    before = tree(tmp_path)
+    rc, err = _run_cli(world, tmp_path / "run", capsys, "--targets", targets)
+    line = paragraph(err, "edice impute")
+    assert rc == 1 and f"Targets file {targets}, line 3: 'A' lacks an assay" in line
+    assert changes(before, tree(tmp_path)) == []
+
+
+def test_untrained_vocabulary_is_refused_or_skipped(world, tmp_path, capsys):
+    """Row: a cell or assay of the vocabulary with no training track was imputed silently
+    from an untrained (random) embedding. Named targets are refused, saying how to fix
+    it; default targets leave them out with a warning."""
+    m = EDICE(ModelConfig(n_cells=4, n_assays=3, embed_dim=16, decoder_hidden=32))
+    model = str(tmp_path / "model")
+    save_model(model, m, {"cell_keys": CELLS, "assays": ASSAYS, "transform": "arcsinh",
+                          "trained_cell_keys": ["A", "B", "C"], "trained_assays": ASSAYS})
+    before = tree(tmp_path)
+    rc, err = cli(["impute", "--store", world["store"], "--model", model, "--out",
+                   tmp_path / "run", "--targets", "D:DNase,A:DNase"], capsys)
+    line = paragraph(err, "edice impute")
+    assert rc == 1 and "cell type(s) D never trained; target(s) D:DNase" in line
+    assert "train-split tracks" in line
+    assert changes(before, tree(tmp_path)) == []
+
+    s = impute(world["store"], model, str(tmp_path / "run"), chroms=["chr2"], export=False,
+               workers=1)
+    info = json.loads(open(os.path.join(tmp_path, "run", "run.json")).read())
+    assert all(t["cell_key"] != "D" for t in info["targets"]) and s["tracks"] == len(info["targets"])
+    assert "warning: not imputing 3 pair(s)" in capsys.readouterr().err

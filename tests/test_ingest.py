@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pyBigWig
 import pytest
+from failcheck import changes, cli, paragraph, tree
 
 from edice_dist import _faults, _partial
 from edice_dist.cli import main
@@ -544,3 +545,66 @@ def test_source_edge_cases(tmp_path):
     (tmp_path / "z.bedGraph").write_text("chr1\t0\t100\t0\nchr1\t100\t200\t0\n")
     with open_source(str(tmp_path / "z.bedGraph"), genome) as s:
         assert s.kind == "bedgraph" and not s.binned("chr1", 0, 40).any()
+
+
+# ------------------------------------------------------------------ the failure table (issue 10)
+def test_force_never_replaces_a_folder_that_is_not_a_store(consortium, ray_local, tmp_path,
+                                                           capsys):
+    """Row: ``edice ingest --out DIR --force`` on a folder that is not a store deleted the
+    folder. --force replaces a store only; the folder and all around it are untouched."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    rc, err = _ingest([consortium / "manifest.tsv", "--chrom-sizes", consortium / "chrom.sizes",
+                       "--out", other, "--force"], capsys)
+    line = paragraph(err, "edice ingest")
+    assert rc == 1 and f"--out {other} is not a track store" in line and "notes.txt" in line
+    assert changes(before, tree(tmp_path)) == []
+
+
+def test_unfinished_store_is_not_an_input(consortium, ray_local, tmp_path, capsys, monkeypatch):
+    """Row: ``--store STORE.partial`` (an unfinished ingest) was accepted, imputing from
+    all-zero inputs, and `edice info` called it a normal store."""
+    out = tmp_path / "store.zarr"
+    monkeypatch.setenv(_faults.ENV, json.dumps({"ingest_fail_chunk": "chr2:1"}))
+    rc, _ = _ingest([consortium / "manifest.tsv", "--chrom-sizes", consortium / "chrom.sizes",
+                     "--out", out, "--chunk-bins", CHUNK, "--workers", 1], capsys)
+    monkeypatch.delenv(_faults.ENV)
+    partial = _partial.partial_path(str(out))
+    assert rc == 1 and os.path.isdir(partial)
+    before = tree(tmp_path)
+    rc, err = cli(["impute", "--store", partial, "--model", tmp_path / "model", "--out",
+                   tmp_path / "run"], capsys)
+    line = paragraph(err, "edice impute")
+    assert rc == 1 and f"{partial} is an unfinished track store" in line
+    assert "Re-run the same `edice ingest`" in line
+    assert main(["info", partial]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"unfinished track store {partial}") and "chunks       8/13" in text
+    assert changes(before, tree(tmp_path)) == []
+
+
+def test_a_retried_task_reaches_100_percent(consortium, ray_local, tmp_path, capsys,
+                                            monkeypatch):
+    """Row: an ingest task retried after a failure (its worker died part-way) left the
+    progress line short of 100 %: the retry did not count the chunks the failed attempt
+    had already written."""
+    out = tmp_path / "store.zarr"
+    monkeypatch.setenv(_faults.ENV, json.dumps({"ingest_exit_chunk": "chr1:1"}))
+    rc, err = _ingest([consortium / "manifest.tsv", "--chrom-sizes", consortium / "chrom.sizes",
+                       "--out", out, "--chunk-bins", CHUNK], capsys)
+    assert rc == 0
+    assert (out / _faults.MARKER).read_text() == "chr1\t1\n"  # the worker did die there
+    assert "encode: 13/13 chunks (100%)" in err
+
+
+def test_manifest_with_a_byte_order_mark(consortium, tmp_path):
+    """Row: a manifest starting with a UTF-8 byte-order mark gave "missing column
+    '\\ufeffcell_type'"."""
+    from edice_dist.tracks import read_manifest
+
+    text = (consortium / "manifest.tsv").read_text()
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    tracks = read_manifest(str(tmp_path / "bom.tsv"))
+    assert [(t.cell_type, t.assay, t.split) for t in tracks] == [(r[0], r[1], r[3]) for r in ROWS]

@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from failcheck import changes, paragraph, tree
+from failcheck import cli as run_cli
 from trainstore import make_store
 
 from edice_dist import _faults, checkpoint, cli
@@ -394,3 +396,80 @@ def test_gpu_requested_without_gpu_is_refused(small_store, ray_local, tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(InputError, match="no GPU"):
         train(small_store, str(tmp_path / "m"), load_config(None, {**TINY, "use_gpu": "true"}))
+
+
+# -- the failure table (issue 10) -------------------------------------------------------------
+
+def test_out_folder_that_is_not_a_model_folder_is_refused(small_store, ray_local, tmp_path,
+                                                          capsys):
+    """Row: ``edice train --out`` an unrelated folder proceeded and overwrote files there."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "history.tsv").write_text("my own table\n")
+    before = tree(tmp_path)
+    args = [f"--{k}={v}" for k, v in TINY.items()]
+    rc, err = run_cli(["train", "--store", small_store, "--out", other, *args], capsys)
+    line = paragraph(err, "edice train")
+    assert rc == 1 and f"--out {other} is not a model folder" in line and "history.tsv" in line
+    assert changes(before, tree(tmp_path)) == []
+
+
+def test_batch_size_must_divide_among_the_workers(small_store, ray_local, tmp_path, capsys):
+    """Row: ``batch_size`` not divisible by the number of workers silently shrank the
+    global batch (each worker takes batch_size // workers bins)."""
+    before = tree(tmp_path)
+    args = [f"--{k}={v}" for k, v in {**TINY, "workers": "2", "batch_size": "65"}.items()]
+    rc, err = run_cli(["train", "--store", small_store, "--out", tmp_path / "m", *args], capsys)
+    line = paragraph(err, "edice train")
+    assert rc == 1 and "batch_size 65 is not divisible by the 2 workers" in line
+    assert "a global batch of 64" in line and "--batch_size=64 or --batch_size=66" in line
+    assert changes(before, tree(tmp_path)) == []
+
+
+def test_ctrl_c_during_training(small_store, ray_local, tmp_path, capsys):
+    """Row: Ctrl-C during ``edice train`` exited 1 with no message (Ray Train took SIGINT
+    over). A real SIGINT to this process during a run now gives the message of every
+    stage and status 130, and leaves the run resumable."""
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "m"
+    first = out / "ray" / "run-001" / "epoch_0001" / checkpoint.METRICS
+    running = threading.Event()
+
+    def interrupt():  # once the first epoch is checkpointed, while training goes on
+        while running.is_set() and not first.exists():
+            time.sleep(0.05)
+        if running.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    args = [f"--{k}={v}" for k, v in {**TINY, "epochs": "40", "patience": "40",
+                                       "bins_per_epoch": "2000"}.items()]
+    running.set()
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        rc, err = run_cli(["train", "--store", small_store, "--out", out, *args], capsys)
+    finally:
+        running.clear()
+    assert rc == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == \
+        "edice train: interrupted; re-run the same command to resume."
+    assert checkpoint.read_record(str(out))["status"] == "running"
+    assert checkpoint.latest_checkpoint(str(out))["epoch"] < 40  # a re-run resumes from it
+
+
+def test_the_model_records_what_was_trained(seeded_runs, tmp_path):
+    """A cell type or assay with no training track keeps a random embedding: the model
+    records the trained ones, so that impute can refuse the others (test_impute)."""
+    from edice_dist.train import _trained_vocab
+
+    meta = checkpoint.load_meta(seeded_runs["b"])
+    assert meta["trained_cell_keys"] == meta["cell_keys"]
+    assert meta["trained_assays"] == meta["assays"]
+    st, _ = make_store(str(tmp_path / "s"), n_cells=4, n_assays=3, chrom_bins=(300,),
+                       splits={(3, 0): "val", (3, 1): "test", (3, 2): "val", (0, 2): "test",
+                               (1, 2): "val", (2, 2): "val"})
+    plan = plan_tracks(st, load_config())
+    cells, assays = _trained_vocab(st, plan, st.cell_keys, st.assays, None)
+    assert cells == ["C00", "C01", "C02"] and assays == ["A0", "A1"]
