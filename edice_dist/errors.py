@@ -59,13 +59,15 @@ _OS_ERRORS = {
 }
 
 
-def os_error_text(e: OSError, path: str | None = None) -> str:
-    """One paragraph for an OS error, naming its file (or ``path`` when it names none)."""
-    file = e.filename or path
-    what, fix = _OS_ERRORS.get(e.errno, (e.strerror or str(e) or type(e).__name__, ""))
-    where = f"Cannot use {file}: " if file else "An operating-system error: "
-    return f"{where}{what}" + (f" ({errno.errorcode[e.errno]})" if e.errno in errno.errorcode
-                               else "") + "." + (f" {fix}" if fix else "")
+def os_error_text(e: OSError) -> str:
+    """One paragraph for an OS error (or an fsspec error, which may have no errno): what
+    happened to which file, and what to do."""
+    what, fix = _OS_ERRORS.get(e.errno, (e.strerror or str(e).strip() or type(e).__name__,
+                                         "Check the path and the storage, then run the "
+                                         "same command again."))
+    where = f"Cannot use {e.filename}: " if e.filename else "An input/output error: "
+    code = f" ({errno.errorcode[e.errno]})" if e.errno in errno.errorcode else ""
+    return f"{where}{what.rstrip('.')}{code}. {fix}"
 
 
 def s3_error_text(e: Exception, what: str) -> str:
@@ -132,7 +134,7 @@ def explain(e: BaseException, where: str = "", urls: tuple[str, ...] = ()) -> Ed
     if type(orig).__module__.startswith(("botocore", "aiobotocore")):
         shown = f"Using {', '.join(urls)}" if urls else "The object store"
         return EdiceError(s3_error_text(orig, shown))
-    if isinstance(orig, OSError) and orig.errno is not None:
+    if isinstance(orig, OSError):
         return EdiceError(os_error_text(orig) + (f" (This happened{during}.)" if during and
                                                  not orig.filename else ""))
     if _is(orig, "ray.exceptions", "RayActorError", "WorkerCrashedError", "NodeDiedError",

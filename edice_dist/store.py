@@ -273,9 +273,10 @@ def open_store(path: str) -> TrackStore:
     if not attrs.get(FINALISED):
         raise InputError(
             f"{path} is an unfinished track store: `edice ingest` has not finalised it (an "
-            "interrupted ingest's .partial folder, or a store another tool wrote), so some "
-            "chunks may never have been written. Re-run the same `edice ingest` command to "
-            "finish it, and use the store it renames into place."
+            "interrupted ingest's .partial folder, a store written by an earlier edice-dist "
+            "or by another tool), so chunks may be missing. Re-run the same `edice ingest` "
+            "command to finish it (with --force for a store of an earlier edice-dist), and "
+            "use the store it renames into place."
         )
     genome = Genome.from_json(attrs["chroms"], int(attrs.get("bin_size", BIN_SIZE)))
     tracks = [Track.from_json(t) for t in attrs["tracks"]]
