@@ -484,7 +484,8 @@ def observed_tracks(store_tracks, folder: str, mode: str) -> list[HubTrack]:
                 skipped.get("not bigWig (bedGraph: convert it with bedGraphToBigWig)", 0) + 1
             continue
         rel = f"{OBSERVED_DIR}/{bigwig_name(t.track_id)}"
-        dest = storage.join(folder, OBSERVED_DIR, bigwig_name(t.track_id))
+        dest = storage.child(folder, OBSERVED_DIR, bigwig_name(t.track_id),
+                             what=f"the track id of observed track {t.track_id}")
         note = {"test": "held out", "val": "validation"}.get(t.split, "")
         if mode == "link" and _BROWSER_URL.match(src):
             out.append(HubTrack(t.cell_key, t.assay, "observed", src, note))
