@@ -95,7 +95,8 @@ def ensure_consortium(sim: str) -> str:
 def _child_train(store: str, out: str, overrides: str) -> None:
     """In the child: train as ``edice train`` does and print timestamps as JSON."""
     t_start = time.time()
-    from edice_dist.train import load_config, train
+    from edice_dist.train import train
+    from edice_dist.trainconfig import load_config
 
     t_imported = time.time()
     cfg = load_config(overrides=json.loads(overrides))
@@ -114,7 +115,8 @@ def run_ours_training(store: str, out: str, settings: dict, log: str) -> dict:
     docstring for what is measured and how."""
     from edice_dist.sampler import TrainSampler
     from edice_dist.store import open_store
-    from edice_dist.train import load_config, plan_tracks
+    from edice_dist.train import plan_tracks
+    from edice_dist.trainconfig import load_config
 
     shutil.rmtree(out, ignore_errors=True)
     overrides = {k: str(v) for k, v in settings.items()}

@@ -139,7 +139,8 @@ def truth_targets(sim_dir: str) -> list[tuple[str, str, str]]:
 def training_columns(st: TrackStore, settings: ReferenceSettings) -> tuple[list[int], int]:
     """(store columns, targets per bin) of a reference run; see ``ReferenceSettings.tracks``."""
     if settings.tracks == "plan":
-        from edice_dist.train import load_config, plan_tracks
+        from edice_dist.train import plan_tracks
+        from edice_dist.trainconfig import load_config
 
         cfg = load_config(overrides={"seed": str(settings.seed),
                                      "n_targets": str(settings.n_targets)})

@@ -22,7 +22,8 @@ from trainstore import make_store  # noqa: E402
 from benchmarks import reference as ref  # noqa: E402
 from edice_dist import storage  # noqa: E402
 from edice_dist.genome import Genome  # noqa: E402
-from edice_dist.train import load_config, plan_tracks  # noqa: E402
+from edice_dist.train import plan_tracks  # noqa: E402
+from edice_dist.trainconfig import load_config  # noqa: E402
 
 CELLS = ["C00", "C01", "C02", "C03", "C04", "C05"]
 ASSAYS = ["A0", "A1", "A2", "A3"]
