@@ -128,7 +128,7 @@ def sampler_part(threads: int) -> dict:
             arr[s:s + chunk] = np.arcsinh(rng.gamma(0.5, 3.0, (chunk, N_TRACKS))).astype(np.float16)
         store.mark_complete(path)
         st = store.open_store(path)
-        sampler = TrainSampler(st, np.arange(N_TRACKS), N_TARGETS, BATCH, seed=0, shuffle_chunks=2)
+        sampler = TrainSampler(st, np.arange(N_TRACKS), N_TARGETS, BATCH, seed=0)
         t = time.perf_counter()
         n = sum(b.x.shape[0] for b in sampler.batches(0))
         dt = time.perf_counter() - t

@@ -7,8 +7,8 @@ keys with the list of valid ones, and :func:`load` builds the dataclass from lay
 them (defaults, then a file, then the command line).
 
 Field types understood: ``bool``, ``int``, ``float``, ``str``, ``list[str]``,
-``Literal[...]`` and any of them ``| None`` (where ``auto``, ``none``, ``null`` or an empty
-text mean None). Field metadata (see :func:`option`) adds a help line, a minimum, a
+``tuple[int, ...]``, ``Literal[...]`` and any of them ``| None`` (where ``auto``, ``none``,
+``null`` or an empty text mean None). Field metadata (see :func:`option`) adds a help line, a minimum, a
 command-line flag and whether the value is a path.
 """
 
@@ -110,6 +110,8 @@ def describe_type(typ) -> str:
         text = "one of " + ", ".join(str(c) for c in typing.get_args(inner))
     elif typing.get_origin(inner) is list:
         text = "a list of names"
+    elif typing.get_origin(inner) is tuple:
+        text = "a list of integers (e.g. 4,20,100; none for an empty list)"
     else:
         text = {bool: "a bool (true or false)", int: "an integer", float: "a number",
                 str: "a string"}.get(inner, str(inner))
@@ -232,6 +234,15 @@ def _convert(value, inner, text: bool):
         if v not in typing.get_args(inner):
             raise ValueError
         return v
+    if typing.get_origin(inner) is tuple:  # tuple[int, ...]
+        if isinstance(value, str):
+            words = value.replace(",", " ").split()
+            value = [] if [w.lower() for w in words] in ([], ["none"]) else words
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise TypeError
+        return tuple(_convert(v, int, text) for v in value)
     if typing.get_origin(inner) is list:
         if isinstance(value, str):
             return [v for v in value.replace(",", " ").split() if v]

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _faults, storage
 from ._partial import mark_done
+from .context import read_window
 from .errors import EdiceError, InputError, explain
 from .genome import Chunk
 from .progress import Progress, log
@@ -155,6 +156,10 @@ class ChunkWorker:
         self.read_wait_s = 0.0
 
     def _read(self, chunk: Chunk) -> np.ndarray:
+        context = self.pred.model.cfg.context
+        if context:  # window means need the bins on either side of the chunk too
+            return read_window(self.store, chunk.chrom, chunk.start, chunk.stop,
+                               self.spec.support_cols, context)
         return self.store.read(chunk.chrom, chunk.start, chunk.stop, columns=self.spec.support_cols)
 
     def _write_chunk(self, chunk: Chunk, y: np.ndarray) -> None:

@@ -8,11 +8,16 @@ pairs of the vocabulary.
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .context import check as check_context
+from .context import n_channels
 
 
 @dataclass(frozen=True)
@@ -28,8 +33,13 @@ class ModelConfig:
     decoder_layers: int = 2  # hidden layers in the decoder MLP
     decoder_dropout: float = 0.3  # after each decoder hidden layer
     attn_dropout: float = 0.1  # on both residual branches of the attention blocks
+    context: tuple[int, ...] = ()  # half-widths (bins) of window means added as inputs
 
     def __post_init__(self):
+        try:  # a list from JSON; sorted, so that (4, 20) and [20, 4] are one model
+            object.__setattr__(self, "context", check_context(self.context))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"context: {e}") from None
         if self.n_cells < 1 or self.n_assays < 1:
             raise ValueError("the vocabulary needs at least one cell and one assay")
         if self.embed_dim % self.n_heads:
@@ -37,13 +47,47 @@ class ModelConfig:
         if self.decoder_layers < 1:
             raise ValueError("decoder_layers must be >= 1")
 
+    @property
+    def n_channels(self) -> int:
+        """Input values per support track and bin (:mod:`edice_dist.context`)."""
+        return n_channels(self.context)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverted-dropout multipliers: 0 with probability ``p``, else ``1 / (1 - p)``.
+
+    On CPUs torch's ``bernoulli_`` draws one random number per element and made dropout
+    cost more than the decoder's matrix products (BENCHMARKS.md, Training speed); here
+    four 16-bit draws come out of each 64-bit draw of the same seeded generator, so runs
+    stay reproducible. ``p`` is rounded to a multiple of 1/65536.
+    """
+    if device.type != "cpu":  # one fused kernel on GPUs
+        keep = torch.rand(shape, device=device) >= p
+        return keep.to(dtype).mul_(1 / (1 - p))
+    n = math.prod(shape)
+    # The full 64-bit range: a bare random_() leaves the top bit 0, biasing every 4th draw.
+    r = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
+    drop = round(p * 65536)
+    keep = r.view(torch.int16)[:n].view(shape) >= drop - 32768
+    return keep.to(dtype).mul_(65536 / (65536 - drop))
+
+
+def relu_drop(a: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout(relu(a))`` as ``relu(a * m)`` (equal, since m >= 0): autograd then keeps
+    only the multipliers and the output. Measured fastest of the forms tried on CPUs
+    (BENCHMARKS.md, Training speed)."""
+    if not p:
+        return F.relu(a)
+    return (a * keep_mask(a.shape, p, a.device, a.dtype)).relu_()
 
 
 class SignalEmbedder(nn.Module):
@@ -113,16 +157,38 @@ class EDICE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        d = cfg.embed_dim
-        self.cell_embed = SignalEmbedder(cfg.n_cells, cfg.n_assays, d)
-        self.assay_embed = SignalEmbedder(cfg.n_assays, cfg.n_cells, d)
+        d, ch = cfg.embed_dim, cfg.n_channels
+        self.cell_embed = SignalEmbedder(cfg.n_cells, cfg.n_assays * ch, d)
+        self.assay_embed = SignalEmbedder(cfg.n_assays, cfg.n_cells * ch, d)
         self.cell_context = ContextBlock(d, cfg.n_heads, cfg.ffn_dim, cfg.attn_dropout)
         self.assay_context = ContextBlock(d, cfg.n_heads, cfg.ffn_dim, cfg.attn_dropout)
         hidden = [nn.Linear(2 * d, cfg.decoder_hidden)]
         hidden += [nn.Linear(cfg.decoder_hidden, cfg.decoder_hidden) for _ in range(cfg.decoder_layers - 1)]
         self.decoder = nn.ModuleList(hidden)
         self.output = nn.Linear(cfg.decoder_hidden, 1)
-        self.decoder_dropout = nn.Dropout(cfg.decoder_dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference implementation's initialisation (Keras defaults): every dense
+        weight Glorot-uniform with zero bias, the query, key and value projections each as
+        its own d x d layer, and the global embeddings U(-0.05, 0.05).
+
+        torch's defaults differ: N(0, 1) embedding rows swamp the signal embedding
+        ReLU(W y + b) at the start (its entries are ~0.1), and Kaiming-uniform dense
+        layers start the decoder at a smaller scale; both trained measurably worse on
+        held-out tracks (BENCHMARKS.md, Quality).
+        """
+        d = self.cfg.embed_dim
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.uniform_(m.weight, -0.05, 0.05)
+        for block in (self.cell_context, self.assay_context):
+            for w in block.in_proj.weight.split(d):
+                nn.init.xavier_uniform_(w)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -134,29 +200,36 @@ class EDICE(nn.Module):
 
         Parameters
         ----------
-        x : (B, T) float, observed values (arcsinh).
+        x : (B, T) or (B, T, C) float, observed values (arcsinh); C = ``cfg.n_channels``
+            (the bin's value, then its window means: :mod:`edice_dist.context`).
         support : (B, T) bool.
         track_cells, track_assays : (T,) long, vocabulary index of each column.
 
         Returns
         -------
-        y_cells : (B, n_cells, n_assays), each cell's supports divided by N_c.
-        y_assays : (B, n_assays, n_cells), each assay's supports divided by N_a.
+        y_cells : (B, n_cells, n_assays * C), each cell's supports divided by N_c
+            (assay-major: the C values of assay 0, then of assay 1, ...).
+        y_assays : (B, n_assays, n_cells * C), each assay's supports divided by N_a.
         n_cells_sup : (B, n_cells) support counts N_c; n_assays_sup : (B, n_assays).
         """
         cfg = self.cfg
-        B = x.shape[0]
+        x = x[..., None] if x.dim() == 2 else x
+        B, C = x.shape[0], x.shape[2]
+        if C != cfg.n_channels:
+            raise ValueError(f"the model takes {cfg.n_channels} value(s) per track and bin "
+                             f"(context {cfg.context}), got {C}")
         s = support.to(x.dtype)
         # Unsupported columns may hold anything (NaN padding included) and may repeat a
         # real column's (cell, assay): zero them and accumulate, so they add nothing.
-        vals = torch.where(support, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        vals = torch.where(support[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         flat = track_cells * cfg.n_assays + track_assays
-        grid = x.new_zeros(B, cfg.n_cells * cfg.n_assays).index_add_(1, flat, vals)
-        grid = grid.view(B, cfg.n_cells, cfg.n_assays)
+        grid = x.new_zeros(B, cfg.n_cells * cfg.n_assays, C).index_add_(1, flat, vals)
+        grid = grid.view(B, cfg.n_cells, cfg.n_assays, C)
         nc = x.new_zeros(B, cfg.n_cells).index_add_(1, track_cells, s)
         na = x.new_zeros(B, cfg.n_assays).index_add_(1, track_assays, s)
-        y_cells = grid / nc.clamp(min=1)[:, :, None]
-        y_assays = grid.transpose(1, 2) / na.clamp(min=1)[:, :, None]
+        y_cells = (grid / nc.clamp(min=1)[:, :, None, None]).reshape(B, cfg.n_cells, -1)
+        y_assays = (grid.transpose(1, 2) / na.clamp(min=1)[:, :, None, None]).reshape(
+            B, cfg.n_assays, -1)
         return y_cells, y_assays, nc, na
 
     def contextualise(self, x, support, track_cells, track_assays, query_cells, query_assays):
@@ -176,10 +249,12 @@ class EDICE(nn.Module):
         return F.linear(c_ctx, w[:, :d]), F.linear(a_ctx, w[:, d:], self.decoder[0].bias)
 
     def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
-        """From the first layer's pre-activation (..., H) to the output (...)."""
-        z = self.decoder_dropout(F.relu(z))
+        """From the first layer's pre-activation (..., H) to the output (...): ReLU and
+        dropout (training only) after each hidden layer (:func:`relu_drop`)."""
+        p = self.cfg.decoder_dropout if self.training else 0.0
+        z = relu_drop(z, p)
         for layer in self.decoder[1:]:
-            z = self.decoder_dropout(F.relu(layer(z)))
+            z = relu_drop(layer(z), p)
         return self.output(z).squeeze(-1)
 
     def forward(self, x, support, track_cells, track_assays, target_cells, target_assays):
@@ -187,7 +262,8 @@ class EDICE(nn.Module):
 
         Parameters
         ----------
-        x : (B, T) float, observed values of the T columns (anything where not supported).
+        x : (B, T) or (B, T, C) float, observed values of the T columns (anything where not
+            supported), with the context channels when the model has some.
         support : (B, T) bool, columns used as inputs at each bin.
         track_cells, track_assays : (T,) long.
         target_cells, target_assays : (K,) long (same targets at every bin) or (B, K).
@@ -196,18 +272,24 @@ class EDICE(nn.Module):
         -------
         (B, K) predictions, arcsinh(-log10 p).
         """
-        x = torch.where(support, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        q_cells, pos_c = torch.unique(target_cells, return_inverse=True)
-        q_assays, pos_a = torch.unique(target_assays, return_inverse=True)
-        c_ctx, a_ctx = self.contextualise(x, support, track_cells, track_assays, q_cells, q_assays)
-        pc, pa = self.first_layer_halves(c_ctx, a_ctx)
-        if pos_c.dim() == 1:
-            z = pc[:, pos_c] + pa[:, pos_a]
-        else:
-            H = pc.shape[-1]
-            z = pc.gather(1, pos_c[..., None].expand(-1, -1, H)) + pa.gather(
-                1, pos_a[..., None].expand(-1, -1, H)
-            )
+        # Under a bf16 autocast on a CPU only the decoder runs in bf16: torch's CPU attention
+        # backward and gathers are several times slower in bf16 than in float32, while
+        # the decoder's products are ~4x faster (BENCHMARKS.md, Training speed).
+        fp32 = torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else nullcontext()
+        with fp32:
+            q_cells, pos_c = torch.unique(target_cells, return_inverse=True)
+            q_assays, pos_a = torch.unique(target_assays, return_inverse=True)
+            c_ctx, a_ctx = self.contextualise(x, support, track_cells, track_assays, q_cells,
+                                              q_assays)
+            pc, pa = self.first_layer_halves(c_ctx, a_ctx)
+            if pos_c.dim() == 1:
+                z = pc[:, pos_c] + pa[:, pos_a]
+            else:  # per-bin targets: row b*Q + pos of the flattened halves
+                B, Qc, H = pc.shape
+                rows = torch.arange(B, device=pc.device)[:, None]
+                z = (pc.reshape(-1, H).index_select(0, (rows * Qc + pos_c).flatten())
+                     + pa.reshape(-1, H).index_select(
+                         0, (rows * pa.shape[1] + pos_a).flatten())).view(*pos_c.shape, H)
         return self.decode_hidden(z)
 
 

@@ -205,9 +205,10 @@ def predict_chunk(
     ----------
     model : EDICE or Predictor
         A trained model (see :func:`prepare`; an EDICE is prepared on each call).
-    x : np.ndarray, shape (n_bins, T)
-        Observed values of the chunk's T store columns, arcsinh(-log10 p). Non-finite
-        values count as 0 (missing data, SPEC section 3).
+    x : np.ndarray, shape (n_bins, T) or (n_bins, T, C)
+        Observed values of the chunk's T store columns, arcsinh(-log10 p), with the
+        model's context channels when it has some (:func:`edice_dist.context.read_window`).
+        Non-finite values count as 0 (missing data, SPEC section 3).
     support_cols : array-like of int, shape (S,)
         Columns of ``x`` used as supports at every bin (S >= 1).
     track_cells, track_assays : array-like of int, shape (T,)
@@ -229,9 +230,9 @@ def predict_chunk(
     pred = prepare(model, device, dtype)
     m, dev, cfg = pred.model, pred.device, pred.model.cfg
     x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"x must be (n_bins, T), got shape {x.shape}")
-    n_bins, T = x.shape
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must be (n_bins, T) or (n_bins, T, C), got shape {x.shape}")
+    n_bins, T = x.shape[:2]
     support_cols = np.asarray(support_cols, dtype=np.int64).reshape(-1)
     track_cells = np.asarray(track_cells, dtype=np.int64).reshape(-1)
     track_assays = np.asarray(track_assays, dtype=np.int64).reshape(-1)
@@ -258,7 +259,7 @@ def predict_chunk(
                        posinf=0.0, neginf=0.0)
     n_pad = -n_bins % batch_bins if pred.compiled else 0
     if n_pad:  # zero bins to fill the last batch; computed and dropped
-        xs = np.concatenate([xs, np.zeros((n_pad, xs.shape[1]), np.float32)])
+        xs = np.concatenate([xs, np.zeros((n_pad, *xs.shape[1:]), np.float32)])
     xs = torch.from_numpy(np.ascontiguousarray(xs))
     tc = torch.as_tensor(track_cells[support_cols], device=dev)
     ta = torch.as_tensor(track_assays[support_cols], device=dev)
@@ -276,7 +277,7 @@ def predict_chunk(
         for b0 in range(0, n_bins, batch_bins):
             b1 = min(b0 + batch_bins, n_bins)
             xb = xs[b0:b0 + batch_bins].to(dev, non_blocking=True)
-            sup = torch.ones(xb.shape, dtype=torch.bool, device=dev)
+            sup = torch.ones(xb.shape[:2], dtype=torch.bool, device=dev)
             c_ctx, a_ctx = m.contextualise(xb, sup, tc, ta, q_cells, q_assays)
             pc, pa = m.first_layer_halves(c_ctx, a_ctx)
             # Node-major (Q, B, H): a block's rows are then (target, bin), the output's order.

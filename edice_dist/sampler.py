@@ -1,21 +1,37 @@
 """Training and validation batches streamed from the track store.
 
-Training (SPEC 2.5). Every epoch, the store's chunks are put in a seeded order that every
-worker computes alike; worker ``r`` of ``w`` reads chunks ``r, r + w, r + 2w, ...`` of that
-order itself (no data passes through the driver), a few chunks at a time, shuffles the bins
-of those chunks together and cuts them into batches. Every bin of the training tracks is
-used, background bins included (they are most of the genome and the model must predict them
-too); bins are neither filtered nor reweighted. Per bin, a random subset of the training
-tracks becomes targets and the rest are supports: the subset is the ``K`` smallest of a row
-of uniform noise, which is a uniform random ``K``-subset, drawn for a whole batch at once.
+Training (SPEC 2.5). A batch should look like independent draws from the whole training
+genome: bins of one region share their chromatin state, so batches cut from a few
+contiguous regions give correlated gradients, and an epoch that reads only a few regions
+(``bins_per_epoch``) sees only part of the genome's states. Holding the genome in memory to
+shuffle it is impossible at 124 M bins, so the sampler works in two levels:
 
-Every worker yields the same number of full batches per epoch (the smallest share decides),
-so DDP's collective calls always pair up; the few bins left over differ from epoch to epoch.
-Memory per worker is ``shuffle_chunks x chunk_bins x n_tracks`` values, whatever the genome
-length.
+1. **Blocks in a genome-wide random order.** The training genome is cut into blocks of
+   ``block_bins`` bins (the store's inner chunk, so a block is one small read). Every epoch
+   puts all blocks in a seeded order that every worker computes alike; worker ``r`` of ``w``
+   reads blocks ``r, r + w, r + 2w, ...`` of that order itself (no data passes through the
+   driver).
+2. **A mixing buffer.** Blocks flow into a buffer of about ``buffer_bins`` bins. Each
+   batch is drawn from the freshly shuffled buffer, and the buffer is topped up with new
+   blocks once a quarter of it is used, so every batch mixes bins from about
+   ``buffer_bins / block_bins`` regions spread over the whole genome (64 with the
+   defaults), and consecutive batches share few regions.
 
-Validation. A fixed, seeded set of bins (the same every epoch) from a seeded subset of
-chunks; each worker reads its own share once and keeps it.
+Memory per worker is ``buffer_bins x n_tracks`` values whatever the genome length, and an
+epoch reads only the blocks it uses (plus one buffer fill). Every bin of the training
+tracks is used, background bins included (they are most of the genome and the model must
+predict them too); bins are neither filtered nor reweighted. Per bin, a random subset of
+the training tracks becomes targets and the rest are supports: the subset is the ``K``
+smallest of a row of uniform noise, which is a uniform random ``K``-subset, drawn for a
+whole batch at once.
+
+Every worker yields the same number of full batches per epoch (the smallest share
+decides), so DDP's collective calls always pair up.
+
+Validation. A fixed, seeded set of bins (the same every epoch): a few bins from each of
+many random blocks across the whole genome, so that the validation loss averages over the
+genome's states rather than a few regions. Each worker reads its own share once and keeps
+it.
 """
 
 from __future__ import annotations
@@ -26,13 +42,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .context import read_window
 from .errors import InputError
 from .genome import Chunk
 from .store import TrackStore
 
-# Fixed stream ids so that the chunk order, the bin shuffle and the target draw never share
+# Fixed stream ids so that the block order, the bin shuffle and the target draw never share
 # random numbers, whatever the seed.
 _ORDER, _SHUFFLE, _VAL = 0x0D3, 0x5F1, 0x7A1
+
+BUFFER_BINS = 65536
+"""Bins in the mixing buffer: 64 blocks of 1024 bins, ~16 MB per 100 float16 tracks."""
+VAL_BINS_PER_BLOCK = 64
+"""Validation bins taken from each chosen block: many regions, few bins from each."""
 
 
 @dataclass
@@ -41,7 +63,8 @@ class Batch:
 
     Attributes
     ----------
-    x : (B, T) float32, values of the T input (training) columns.
+    x : (B, T) float32, values of the T input (training) columns; (B, T, C) with the C
+        context channels of a model that has them (:mod:`edice_dist.context`).
     support : (B, T) bool, False where the column is a target at that bin.
     target : (B, K) int64, column index (into the T inputs) of each target.
     y : (B, K) float32, the targets' true values.
@@ -85,34 +108,45 @@ def draw_targets(rng: np.random.Generator, n_rows: int, n_columns: int,
     return target, support
 
 
-def split_pieces(chunks: list[Chunk], min_pieces: int) -> list[Chunk]:
-    """Halve chunks until there are at least ``min_pieces`` of them (a tiny genome must
-    still give every worker something to read). A piece stays inside one chunk."""
-    pieces = list(chunks)
-    while len(pieces) < min_pieces and any(p.n_bins > 1 for p in pieces):
+def genome_blocks(store: TrackStore, block_bins: int, min_blocks: int = 1) -> list[Chunk]:
+    """The training genome cut into blocks of ``block_bins`` bins (aligned inside each
+    chromosome; the last block of a chromosome is shorter), in genome order.
+
+    Blocks are halved until there are at least ``min_blocks`` of them, so that a tiny
+    genome still gives every worker something to read. ``Chunk.index`` is the block's
+    position along its chromosome at the original size.
+    """
+    if block_bins < 1:
+        raise ValueError("block_bins must be positive")
+    blocks = store.genome.chunks(block_bins)
+    while len(blocks) < min_blocks and any(b.n_bins > 1 for b in blocks):
         out = []
-        for p in pieces:
-            if p.n_bins > 1:
-                mid = p.start + p.n_bins // 2
-                out += [Chunk(p.chrom, p.index, p.start, mid), Chunk(p.chrom, p.index, mid, p.stop)]
+        for b in blocks:
+            if b.n_bins > 1:
+                mid = b.start + b.n_bins // 2
+                out += [Chunk(b.chrom, b.index, b.start, mid), Chunk(b.chrom, b.index, mid, b.stop)]
             else:
-                out.append(p)
-        pieces = out
-    return pieces
+                out.append(b)
+        blocks = out
+    return blocks
 
 
-def epoch_pieces(pieces: list[Chunk], seed: int, epoch: int, rank: int,
+def epoch_blocks(blocks: list[Chunk], seed: int, epoch: int, rank: int,
                  world_size: int) -> list[Chunk]:
-    """The pieces worker ``rank`` reads in ``epoch``, in reading order."""
-    order = np.random.default_rng([seed, epoch, _ORDER]).permutation(len(pieces))
-    return [pieces[i] for i in order[rank::world_size]]
+    """The blocks worker ``rank`` reads in ``epoch``, in reading order."""
+    order = np.random.default_rng([seed, epoch, _ORDER]).permutation(len(blocks))
+    return [blocks[i] for i in order[rank::world_size]]
 
 
-def read_columns(store: TrackStore, chunk: Chunk, columns: np.ndarray) -> np.ndarray:
-    """Bins of ``chunk`` for ``columns``, in the store's own dtype (float16 halves the
-    shuffle buffer). Shape (chunk.n_bins, len(columns))."""
-    data = np.asarray(store.array(chunk.chrom)[chunk.start:chunk.stop])
-    return data[:, columns]
+def read_columns(store: TrackStore, block: Chunk, columns: np.ndarray,
+                 context: tuple[int, ...] = ()) -> np.ndarray:
+    """Bins of ``block`` for ``columns``, in the store's own dtype (float16 halves the
+    mixing buffer). Shape (block.n_bins, len(columns)), or (block.n_bins, len(columns),
+    1 + len(context)) with context channels."""
+    if context:
+        return read_window(store, block.chrom, block.start, block.stop, columns, context,
+                           dtype=store.array(block.chrom).dtype)
+    return store.read(block.chrom, block.start, block.stop, columns, dtype=None)
 
 
 class TrainSampler:
@@ -131,27 +165,34 @@ class TrainSampler:
         This worker and the number of workers.
     bins_per_epoch : int, optional
         Cap on the bins of one epoch over all workers (all training bins when None).
-    shuffle_chunks : int
-        Chunks read and shuffled together.
+    buffer_bins : int
+        Bins in the mixing buffer (see the module docstring).
+    block_bins : int, optional
+        Bins per read; the store's inner chunk when None.
+    context : tuple of int
+        The model's context half-widths: batches then carry the window means too.
     """
 
     def __init__(self, store: TrackStore, columns, n_targets: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, bins_per_epoch: int | None = None,
-                 shuffle_chunks: int = 4):
+                 buffer_bins: int = BUFFER_BINS, block_bins: int | None = None,
+                 context: tuple[int, ...] = ()):
         self.columns = np.asarray(columns, dtype=np.int64)
         if self.columns.ndim != 1 or len(self.columns) < 2:
             raise ValueError("TrainSampler needs at least 2 training columns")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        if batch_size < 1 or shuffle_chunks < 1:
-            raise ValueError("batch_size and shuffle_chunks must be positive")
+        if batch_size < 1 or buffer_bins < 1:
+            raise ValueError("batch_size and buffer_bins must be positive")
         self.store = store
         self.n_targets = int(n_targets)
         self.batch_size = int(batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.bins_per_epoch = bins_per_epoch
-        self.shuffle_chunks = int(shuffle_chunks)
-        self.pieces = split_pieces(store.chunks(), 4 * world_size)
+        self.buffer_bins = max(int(buffer_bins), 2 * self.batch_size)
+        self.block_bins = int(block_bins or store.block_bins)
+        self.context = tuple(context)
+        self.blocks = genome_blocks(store, self.block_bins, 4 * world_size)
         if self.steps(0) < 1:
             raise InputError(
                 f"Store {store.path} has {store.genome.total_bins:,} bins: too few for "
@@ -161,7 +202,7 @@ class TrainSampler:
 
     def steps(self, epoch: int) -> int:
         """Batches per worker in ``epoch`` (the same on every worker)."""
-        shares = [sum(p.n_bins for p in epoch_pieces(self.pieces, self.seed, epoch, r,
+        shares = [sum(b.n_bins for b in epoch_blocks(self.blocks, self.seed, epoch, r,
                                                      self.world_size))
                   for r in range(self.world_size)]
         steps = min(shares) // self.batch_size
@@ -173,71 +214,81 @@ class TrainSampler:
         """This worker's batches of ``epoch``: exactly :meth:`steps` full batches."""
         steps = self.steps(epoch)
         rng = np.random.default_rng([self.seed, epoch, self.rank, _SHUFFLE])
-        pieces = epoch_pieces(self.pieces, self.seed, epoch, self.rank, self.world_size)
+        blocks = iter(epoch_blocks(self.blocks, self.seed, epoch, self.rank, self.world_size))
         B, T = self.batch_size, len(self.columns)
-        pool = np.empty((0, T), dtype=self.store.array(pieces[0].chrom).dtype if pieces else np.float32)
-        done = 0
-        for i in range(0, len(pieces), self.shuffle_chunks):
-            if done == steps:
-                return
-            parts = [pool] + [read_columns(self.store, p, self.columns)
-                              for p in pieces[i:i + self.shuffle_chunks]]
-            pool = np.concatenate(parts)
-            pool = pool[rng.permutation(len(pool))]
-            n_full = min(len(pool) // B, steps - done)
-            for j in range(n_full):
-                x = pool[j * B:(j + 1) * B].astype(np.float32)
-                target, support = draw_targets(rng, B, T, self.n_targets)
-                y = np.take_along_axis(x, target, axis=1)
-                yield Batch(torch.from_numpy(x), torch.from_numpy(support),
-                            torch.from_numpy(target), torch.from_numpy(y))
-            done += n_full
-            pool = pool[n_full * B:]
+        # Never hold more than the epoch still needs: a short epoch reads fewer blocks.
+        capacity = min(self.buffer_bins, steps * B)
+        low = capacity - max(B, capacity // 4)  # top up once a quarter is used
+        shape = (0, T, 1 + len(self.context)) if self.context else (0, T)
+        pool = np.empty(shape, dtype=self.store.array(self.blocks[0].chrom).dtype)
+        exhausted = False
+        for _ in range(steps):
+            if len(pool) <= max(low, B - 1) and not exhausted:
+                parts, n = [pool], len(pool)
+                for block in blocks:
+                    parts.append(read_columns(self.store, block, self.columns, self.context))
+                    n += block.n_bins
+                    if n >= capacity:
+                        break
+                else:
+                    exhausted = True
+                pool = np.concatenate(parts)
+                pool = pool[rng.permutation(len(pool))]
+            x = pool[-B:].astype(np.float32)
+            pool = pool[:-B]
+            target, support = draw_targets(rng, B, T, self.n_targets)
+            y = np.take_along_axis(x[..., 0] if self.context else x, target, axis=1)
+            yield Batch(torch.from_numpy(x), torch.from_numpy(support),
+                        torch.from_numpy(target), torch.from_numpy(y))
 
 
-def validation_plan(store: TrackStore, n_bins: int, seed: int) -> list[tuple[Chunk, np.ndarray]]:
-    """A fixed, seeded set of about ``n_bins`` validation bins (all bins when the store has
-    fewer), as (chunk, sorted bin offsets inside the chunk) pairs.
+def validation_plan(store: TrackStore, n_bins: int, seed: int,
+                    block_bins: int | None = None) -> list[tuple[Chunk, np.ndarray]]:
+    """A fixed, seeded set of about ``n_bins`` validation bins drawn genome-wide (all bins
+    when the store has fewer), as (block, sorted bin offsets inside the block) pairs in
+    genome order.
 
-    To keep validation from reading the whole genome every epoch, the bins come from a
-    seeded subset of chunks holding about four times ``n_bins`` bins.
+    The bins come from many random blocks, :data:`VAL_BINS_PER_BLOCK` from each, so that
+    validation reads few blocks yet covers the genome's states.
     """
-    chunks = store.chunks()
+    blocks = genome_blocks(store, int(block_bins or store.block_bins))
+    total = sum(b.n_bins for b in blocks)
+    if n_bins >= total:
+        return [(b, np.arange(b.n_bins)) for b in blocks]
     rng = np.random.default_rng([seed, _VAL])
-    order = rng.permutation(len(chunks))
-    chosen, total = [], 0
-    for i in order:
-        if total >= 4 * n_bins:
+    n_blocks = min(len(blocks), -(-n_bins // VAL_BINS_PER_BLOCK))
+    chosen = sorted(rng.choice(len(blocks), size=n_blocks, replace=False))
+    sizes = np.array([blocks[i].n_bins for i in chosen])
+    # Spread n_bins over the chosen blocks in proportion to their size, no block overfull.
+    take = np.minimum(sizes, np.floor(n_bins * sizes / sizes.sum()).astype(int))
+    for i in rng.permutation(len(chosen)):
+        if take.sum() >= n_bins:
             break
-        chosen.append(chunks[i])
-        total += chunks[i].n_bins
-    chosen.sort(key=lambda c: (store.genome.chroms.index(c.chrom), c.start))
-    take = min(n_bins, total)
-    picks = np.sort(rng.choice(total, size=take, replace=False))
-    bounds = np.cumsum([0] + [c.n_bins for c in chosen])
+        take[i] += min(sizes[i] - take[i], n_bins - take.sum())
     plan = []
-    for k, c in enumerate(chosen):
-        lo, hi = np.searchsorted(picks, [bounds[k], bounds[k + 1]])
-        if hi > lo:
-            plan.append((c, picks[lo:hi] - bounds[k]))
+    for i, k in zip(chosen, take, strict=True):
+        if k > 0:
+            plan.append((blocks[i], np.sort(rng.choice(blocks[i].n_bins, size=k, replace=False))))
     return plan
 
 
 def read_validation(store: TrackStore, plan: list[tuple[Chunk, np.ndarray]], input_columns,
-                    target_columns, rank: int = 0,
-                    world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """This worker's share (chunks ``rank::world_size`` of ``plan``) of the validation bins.
+                    target_columns, rank: int = 0, world_size: int = 1,
+                    context: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's share (blocks ``rank::world_size`` of ``plan``) of the validation bins.
 
     Returns
     -------
-    x : (N, T) float32, the input (training) columns.
+    x : (N, T) float32, the input (training) columns; (N, T, C) with context channels.
     y : (N, V) float32, the validation target columns.
     """
     cols = np.concatenate([np.asarray(input_columns), np.asarray(target_columns)]).astype(np.int64)
     n_in = len(input_columns)
-    parts = [read_columns(store, c, cols)[offsets] for c, offsets in plan[rank::world_size]]
-    data = (np.concatenate(parts) if parts else np.empty((0, len(cols)))).astype(np.float32)
-    return data[:, :n_in], data[:, n_in:]
+    shape = (0, len(cols), 1 + len(context)) if context else (0, len(cols))
+    parts = [read_columns(store, c, cols, context)[offsets] for c, offsets in plan[rank::world_size]]
+    data = (np.concatenate(parts) if parts else np.empty(shape)).astype(np.float32)
+    y = data[:, n_in:, 0] if context else data[:, n_in:]
+    return data[:, :n_in], y
 
 
 def avg_weights(input_cells, input_assays, target_cells, target_assays) -> np.ndarray:

@@ -22,12 +22,17 @@ from .genome import Chunk, Genome
 from .tracks import Track, check_name, check_vocabulary
 
 FORMAT = "edice-track-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: chunks are shards of ``block_bins``-bin inner chunks (1: plain chunks; still read)."""
 DEFAULT_CHUNK_BINS = 16384
-"""Bins per chunk (all tracks in one chunk). Whole-chunk reads run at millions of bins/s
-from 16384 bins up (4096 was ~1.5-2x slower); larger chunks cost memory in every reader
-(a 1,000-track chunk decodes to ~66 MB as float32 at 16384 bins, ~265 MB at 65536) and
-coarsen the sampler's shuffling (BENCHMARKS.md, Ingest)."""
+"""Bins per chunk (all tracks in one chunk): the unit that one writer owns and that
+imputation reads. Whole-chunk reads run at millions of bins/s from 16384 bins up (4096 was
+~1.5-2x slower); larger chunks cost memory in every reader (a 1,000-track chunk decodes to
+~66 MB as float32 at 16384 bins, ~265 MB at 65536) (BENCHMARKS.md, Ingest)."""
+DEFAULT_BLOCK_BINS = 1024
+"""Bins per inner chunk of a chunk (Zarr sharding): the unit that the training sampler
+reads at random genome-wide. One file per chunk still, but a 1024-bin block is read
+without decoding the other 15 (BENCHMARKS.md, Training sampler)."""
 DEFAULT_DTYPE = "float16"
 """Half the size of float32; its error in arcsinh space (max ~4e-3, mean ~9e-5 on
 simulated tracks) is far below the model's error (MSE ~0.1)."""
@@ -66,14 +71,21 @@ def create(
     compressors: list | None = None,
     extra_attrs: dict | None = None,
     overwrite: bool = True,
+    block_bins: int = DEFAULT_BLOCK_BINS,
 ) -> zarr.Group:
     """Create an empty store at ``path`` (normally a ``.partial`` folder): every array and
     all root attributes. Workers then fill whole chunks.
 
+    Each chunk of ``chunk_bins`` bins is a Zarr shard of inner chunks of ``block_bins``
+    bins, so that a block can be read on its own (when ``chunk_bins`` is not a multiple of
+    ``block_bins``, a block is a whole chunk).
+
     With ``overwrite`` (the default) anything at ``path`` is deleted first; without it,
     files that are not Zarr nodes (e.g. a writer's bookkeeping) are kept."""
-    if chunk_bins <= 0:
-        raise ValueError("chunk_bins must be positive")
+    if chunk_bins <= 0 or block_bins <= 0:
+        raise ValueError("chunk_bins and block_bins must be positive")
+    if chunk_bins % block_bins:  # shards must align with the writers' chunks
+        block_bins = chunk_bins
     compressors = compressors if compressors is not None else default_codecs(dtype)
     root = zarr.open_group(storage.zarr_store(path), mode="w" if overwrite else "a",
                            zarr_format=3)
@@ -82,10 +94,15 @@ def create(
         c["array"] = array_key(c["name"], i)
     grp = root.create_group("signal")
     for c in chroms:
+        shard = min(chunk_bins, max(c["n_bins"], 1))
+        inner = min(block_bins, shard)
+        # A shard must hold whole inner chunks: a short chromosome's only shard is
+        # rounded up to a multiple of the inner chunk (the array's edge clips it).
         grp.create_array(
             c["array"],
             shape=(c["n_bins"], len(tracks)),
-            chunks=(min(chunk_bins, max(c["n_bins"], 1)), len(tracks)),
+            chunks=(inner, len(tracks)),
+            shards=(-(-shard // inner) * inner, len(tracks)),
             dtype=dtype,
             compressors=compressors,
             fill_value=0,
@@ -105,6 +122,7 @@ def create(
         "dtype": dtype,
         "codec": json.loads(json.dumps([c.to_dict() for c in compressors])),
         "chunk_bins": chunk_bins,
+        "block_bins": block_bins,
         "chroms": chroms,
         "tracks": [t.to_json() for t in tracks],
         "cell_keys": cell_keys,
@@ -139,6 +157,12 @@ class TrackStore:
     @property
     def chunk_bins(self) -> int:
         return int(self.attrs["chunk_bins"])
+
+    @property
+    def block_bins(self) -> int:
+        """Bins of one cheap random read (the inner chunk; a format-1 store has none, and
+        its blocks decode a whole chunk each: re-ingest it for faster training)."""
+        return int(self.attrs.get("block_bins", min(DEFAULT_BLOCK_BINS, self.chunk_bins)))
 
     @property
     def n_tracks(self) -> int:
@@ -196,17 +220,20 @@ class TrackStore:
     def array(self, chrom: str) -> zarr.Array:
         return self._group["signal"][self.array_key(chrom)]
 
-    def read(self, chrom: str, start: int, stop: int, columns=None) -> np.ndarray:
+    def read(self, chrom: str, start: int, stop: int, columns=None,
+             dtype=np.float32) -> np.ndarray:
         """Observed values of bins ``[start, stop)`` of ``chrom``.
 
         Parameters
         ----------
         columns : array-like of int, optional
             Track columns to return (all when None).
+        dtype : the result's dtype; None keeps the store's own (float16 halves the memory
+            of a reader that holds many bins, such as the training sampler).
 
         Returns
         -------
-        np.ndarray, shape (stop - start, n_columns), float32
+        np.ndarray, shape (stop - start, n_columns)
             arcsinh(-log10 p); windows may span chunk boundaries.
         """
         nb = self.genome.n_bins(chrom)
@@ -229,7 +256,7 @@ class TrackStore:
             ) from e
         if columns is not None:
             data = data[:, np.asarray(columns)]
-        return np.asarray(data, dtype=np.float32)
+        return np.asarray(data, dtype=dtype)
 
     def chunks(self, chroms: list[str] | None = None) -> list[Chunk]:
         """The store's chunk grid over ``chroms`` (all by default), in genome order."""

@@ -47,6 +47,7 @@ from .trainconfig import (
     load_config,
 )
 from .trainloop import WorkerConfig, train_loop
+from .trainsession import run_local
 
 # -- the data: which tracks train, which validate -------------------------------------------
 
@@ -68,6 +69,41 @@ class TrackPlan:
     n_targets: int
 
 
+def holdout_tracks(st: TrackStore, train_cols: list[int], fraction: float, seed: int) -> list[int]:
+    """Training tracks held out for validation when the manifest names none: from every
+    assay with at least 3 training tracks, ``fraction`` of them (at least one), spread over
+    as many cell types as possible.
+
+    One validation track per assay makes the validation MSE an average over every kind of
+    mark rather than over a few random tracks, which made the choice of epoch noisy; an
+    assay with fewer tracks keeps them all for training. A store where no assay has 3
+    tracks holds out ``fraction`` of all tracks (at least one) at random.
+
+    Returns
+    -------
+    list of int, sorted store columns.
+    """
+    rng = np.random.default_rng([seed, 0x5EED])
+    by_assay: dict[str, list[int]] = {}
+    for c in train_cols:
+        by_assay.setdefault(st.tracks[c].assay, []).append(c)
+    eligible = sorted(a for a, cols in by_assay.items() if len(cols) >= 3)
+    if not eligible:
+        n_hold = max(1, int(round(fraction * len(train_cols))))
+        return sorted(int(i) for i in rng.choice(train_cols, size=n_hold, replace=False))
+    held: list[int] = []
+    used: dict[str, int] = {}
+    for a in rng.permutation(eligible):
+        cols = by_assay[str(a)]
+        for _ in range(max(1, int(round(fraction * len(cols))))):
+            left = [c for c in cols if c not in held]
+            fewest = min(used.get(st.tracks[c].cell_key, 0) for c in left)
+            pick = int(rng.choice([c for c in left if used.get(st.tracks[c].cell_key, 0) == fewest]))
+            held.append(pick)
+            used[st.tracks[pick].cell_key] = used.get(st.tracks[pick].cell_key, 0) + 1
+    return sorted(held)
+
+
 def plan_tracks(st: TrackStore, cfg: TrainConfig) -> TrackPlan:
     """Training and validation columns of ``st`` (SPEC 2.5; test tracks are never used).
 
@@ -85,16 +121,14 @@ def plan_tracks(st: TrackStore, cfg: TrainConfig) -> TrackPlan:
         )
     source = "split"
     if not val_cols:
-        n_hold = max(1, int(round(cfg.val_fraction * len(train_cols))))
-        if len(train_cols) - n_hold < 2:
+        held = holdout_tracks(st, train_cols, cfg.val_fraction, cfg.seed)
+        if len(train_cols) - len(held) < 2:
             raise InputError(
                 f"Store {st.path} has {len(train_cols)} training track(s) and no val split: "
-                f"holding {n_hold} out for validation leaves too few to mask (at least 2 "
+                f"holding {len(held)} out for validation leaves too few to mask (at least 2 "
                 "are needed: a support and a target). Add tracks, or mark some as split "
                 "'val' in the manifest."
             )
-        rng = np.random.default_rng([cfg.seed, 0x5EED])
-        held = sorted(int(i) for i in rng.choice(train_cols, size=n_hold, replace=False))
         train_cols = [c for c in train_cols if c not in set(held)]
         val_cols, source = held, "holdout"
     if len(train_cols) < 2:
@@ -207,7 +241,9 @@ def finetune(model_dir: str, store: str, out: str, config_file: str | None = Non
                          "to a new folder so that the base model stays as it is.")
     base, meta = checkpoint.load_model(model_dir, "cpu")
     base_cfg = meta["model_config"]
-    arch = {k: base_cfg[k] for k in ARCH_KEYS}
+    # Typed (context as a tuple), and a key the base model predates takes its default.
+    base_arch = ModelConfig.from_dict(base_cfg)
+    arch = {k: getattr(base_arch, k) for k in ARCH_KEYS}
     cfg = load_config(config_file, overrides, defaults={**FINETUNE_DEFAULTS, **arch})
     changed = [k for k in ARCH_KEYS if getattr(cfg, k) != arch[k]]
     if changed:
@@ -293,13 +329,10 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
     elif resume:
         log(f"{kind}: nothing to resume in {out}; starting a new run")
 
-    from . import raycluster
-
-    raycluster.init()
-    use_gpu, workers, cpus = _resources(cfg)
+    use_gpu, workers, cpus, local = _resources(cfg)
     # Fails here, not on every worker, when the genome is too small for the batches.
     TrainSampler(st, plan.inputs, plan.n_targets, cfg.batch_size // workers, cfg.seed, 0,
-                 workers, cfg.bins_per_epoch, cfg.shuffle_chunks)
+                 workers, cfg.bins_per_epoch, cfg.buffer_bins)
     record = {**record, "status": "running", "patience_from": patience_from,
               "updated": _now()}
     owned.claim(out, "model")
@@ -326,24 +359,39 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
             f"{', ...' if len(never) > 8 else ''}: their embeddings stay untrained, and edice "
             "impute will refuse them as targets. Give them train-split tracks in the manifest "
             "to train them.")
-    result = _fit(job, workers, cpus)
-    return _finalise(out, record, plan, st, cells, assays, job, result)
+    if local:
+        _fit_local(job)
+    else:
+        _fit(job, workers, cpus)
+    return _finalise(out, record, plan, st, cells, assays, job)
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _resources(cfg: TrainConfig) -> tuple[bool, int, int]:
-    """(use_gpu, workers, CPUs per worker) from the config and what Ray reports.
+def _resources(cfg: TrainConfig) -> tuple[bool, int, int, bool]:
+    """(use_gpu, workers, CPUs per worker, in process) from the config and what Ray
+    reports.
 
-    On a cluster that a job joined (``RAY_ADDRESS``), GPUs Ray does not report yet are
-    not an error: an autoscaling cluster starts with no GPU node and adds them when the
-    trainer asks. On the embedded local Ray they are.
+    One worker off a cluster runs in this process (:mod:`edice_dist.trainsession`) with
+    this machine's CPUs and GPU, and Ray is not started for it. On a cluster that a job
+    joined (``RAY_ADDRESS``), GPUs Ray does not report yet are not an error: an autoscaling
+    cluster starts with no GPU node and adds them when the trainer asks. On the embedded
+    local Ray they are.
     """
     from . import raycluster
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if not on_cluster:
+        cuda = _cuda_count()
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cuda > 0
+        if (cfg.workers or (max(cuda, 1) if use_gpu else 1)) == 1:
+            if use_gpu and not cuda:
+                raise InputError("use_gpu is true but torch sees no GPU on this machine. Drop "
+                                 "--use_gpu (or set it to false) to train on CPUs.")
+            return use_gpu, 1, cfg.cpus_per_worker or len(os.sched_getaffinity(0)), True
+    raycluster.init()
     gpus = raycluster.gpu_count()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
     workers = cfg.workers or (max(gpus, 1) if use_gpu else 1)
@@ -371,7 +419,13 @@ def _resources(cfg: TrainConfig) -> tuple[bool, int, int]:
                          f"workers it is split across (each would take "
                          f"{cfg.batch_size // workers} bins, a global batch of {lo}). Use a "
                          f"multiple of {workers}, e.g. --batch_size={lo} or --batch_size={hi}.")
-    return use_gpu, workers, cpus
+    return use_gpu, workers, cpus, False
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _default_cpus_per_worker(workers: int, use_gpu: bool) -> int:
@@ -409,6 +463,15 @@ def _trainer_class() -> type:
     return Trainer
 
 
+def _fit_local(job: WorkerConfig) -> None:
+    try:
+        run_local(train_loop, job, job.train.max_failures)
+    except (EdiceError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - worded like a Ray Train failure
+        raise _training_error(e, job.out) from e
+
+
 def _fit(job: WorkerConfig, workers: int, cpus: int):
     import ray.train
 
@@ -433,7 +496,7 @@ def _fit(job: WorkerConfig, workers: int, cpus: int):
         ),
     )
     try:
-        return trainer.fit()
+        trainer.fit()
     except KeyboardInterrupt:
         if trainer.controller is not None:  # stop the workers; the checkpoints stay
             import contextlib
@@ -463,7 +526,7 @@ def _training_error(e: Exception, out: str) -> EdiceError:
 
 
 def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, assays,
-              job: WorkerConfig, result) -> dict:
+              job: WorkerConfig) -> dict:
     """Write the best checkpoint as model.pt (last), history.tsv and the finished record."""
     latest = checkpoint.latest_checkpoint(out)
     if latest is None:

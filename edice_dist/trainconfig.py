@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Literal
 
 from . import config
+from .context import check as check_context
 from .errors import InputError
 from .model import ModelConfig
 
@@ -48,6 +50,9 @@ class TrainConfig(Architecture):
     ``None`` means "decide from the data or the cluster" (shown as ``auto``).
     """
 
+    # New models also read each support's means over windows of 9, 41 and 201 bins around
+    # the bin (BENCHMARKS.md, Quality); ``context=none`` trains the paper's model exactly.
+    context: tuple[int, ...] = (4, 20, 100)
     n_targets: int = 120  # targets per bin (paper: 120) ...
     max_target_fraction: float = 0.5  # ... but at most this share of the training tracks
     batch_size: int = 256  # bins per optimiser step over all workers
@@ -60,15 +65,16 @@ class TrainConfig(Architecture):
     cpus_per_worker: int | None = None  # auto: Ray's CPUs / workers (torch threads too)
     patience: int = 5  # stop after this many epochs without a better validation MSE
     min_delta: float = 0.0  # an improvement must beat the best by more than this
-    val_fraction: float = 0.05  # training tracks held out when the store has no val split
+    val_fraction: float = 0.05  # share of each assay's tracks held out (>= 1) with no val split
     val_bins: int = 20000  # fixed validation bins (all when the genome is smaller)
     max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
-    shuffle_chunks: int = 4  # store chunks read and shuffled together per worker
+    buffer_bins: int = 65536  # bins in each worker's mixing buffer (batches mix ~buffer/1024 regions)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 products where native
 
     def validate(self) -> TrainConfig:
         """Raise InputError on an impossible value; return self."""
         positive = ["embed_dim", "n_heads", "ffn_dim", "decoder_hidden", "decoder_layers",
-                    "n_targets", "batch_size", "epochs", "val_bins", "shuffle_chunks"]
+                    "n_targets", "batch_size", "epochs", "val_bins", "buffer_bins"]
         for k in positive:
             if getattr(self, k) < 1:
                 raise InputError(f"Config key {k} must be a positive integer, got {getattr(self, k)}.")
@@ -87,13 +93,19 @@ class TrainConfig(Architecture):
         if self.patience < 1 or self.min_delta < 0 or self.max_failures < -1:
             raise InputError("Config keys: patience must be >= 1, min_delta >= 0, "
                              "max_failures >= -1 (-1: unlimited).")
+        try:
+            self.context = check_context(self.context)
+        except ValueError as e:
+            raise InputError(f"Config key context: {e}.") from None
         if self.embed_dim % self.n_heads:
             raise InputError(f"embed_dim ({self.embed_dim}) must be divisible by n_heads "
                              f"({self.n_heads}).")
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as JSON has them (tuples as lists), so that a record read back
+        from ``train.json`` compares equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def model_config(self, n_cells: int, n_assays: int) -> ModelConfig:
         return ModelConfig(n_cells, n_assays, **{k: getattr(self, k) for k in ARCH_KEYS})

@@ -11,12 +11,11 @@ newest checkpoint of the run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from . import _faults, checkpoint, storage
 from .checkpoint import HISTORY_COLUMNS, METRICS, STATE
 from .errors import InputError
 from .model import EDICE, ModelConfig, extend_vocab, init_seed
+from .predict import resolve_dtype
 from .sampler import (
     TrainSampler,
     avg_weights,
@@ -37,6 +37,7 @@ from .sampler import (
 )
 from .store import open_store
 from .trainconfig import TrainConfig
+from .trainsession import RaySession
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,15 @@ class WorkerConfig:
     faults: dict = field(default_factory=dict)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """bf16 autocast of the matrix products where ``precision`` asks for it; with
+    ``auto``, on CUDA and on CPUs that multiply bf16 natively (AVX-512 BF16, AMX), decided
+    here on the worker's own device. Weights, optimizer state and the loss stay float32."""
+    if precision == "float32":
+        return nullcontext()
+    if precision == "auto" and resolve_dtype(device) != torch.bfloat16:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _mix_seed(*parts: int) -> int:
@@ -137,21 +142,20 @@ def finetune_trainable(model: EDICE, n_base_cells: int, n_base_assays: int) -> d
     return masks
 
 
-def train_loop(config: WorkerConfig) -> None:
-    """One worker of a training run (Ray Train calls it on every worker).
+def train_loop(config: WorkerConfig, session=None) -> None:
+    """One worker of a training run: Ray Train calls it on every worker (``session``
+    None), :func:`edice_dist.trainsession.run_local` in the driver's process.
 
     Reads this worker's share of the bins straight from the store, trains a DDP replica,
     validates on its share of the validation bins (metrics summed over workers) and reports
     one checkpoint per epoch (written by rank 0).
     """
-    import ray.train
-    import ray.train.torch
-
-    _quiet_ray_train()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if session is None:
+        _quiet_ray_train()
+        session = RaySession()
+    rank, world = session.rank, session.world
     cfg = config.train
-    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    device = session.device(config.use_gpu)
     torch.set_num_threads(config.threads)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -166,15 +170,17 @@ def train_loop(config: WorkerConfig) -> None:
     val_cells = torch.from_numpy(tc[val_cols]).to(device)
     val_assays = torch.from_numpy(ta[val_cols]).to(device)
 
-    state, why = _restore(config)
+    state, why = _restore(config, session)
 
     net = _initial_model(config, state).to(device)
     masks = {}
     if config.kind == "finetune":
         masks = finetune_trainable(net, config.n_base_cells, config.n_base_assays)
-    model = ray.train.torch.prepare_model(net)  # DDP when world > 1
+    model = session.prepare(net)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    # eps as the reference implementation's (Keras' default, 1e-7; torch's is 1e-8); one
+    # fused kernel per step instead of a dozen passes over every parameter.
+    opt = torch.optim.Adam(params, lr=cfg.lr, eps=1e-7, fused=True)
     history: list[dict] = []
     restores: list[dict] = []
     start, best_epoch, best_mse = 1, 0, math.inf
@@ -189,10 +195,11 @@ def train_loop(config: WorkerConfig) -> None:
             return  # this run already stopped early; nothing left to do
     patience_from = config.patience_from
 
+    ctx = config.model.context
     sampler = TrainSampler(st, inputs, config.n_targets, cfg.batch_size // world, cfg.seed,
-                           rank, world, cfg.bins_per_epoch, cfg.shuffle_chunks)
+                           rank, world, cfg.bins_per_epoch, cfg.buffer_bins, context=ctx)
     vplan = validation_plan(st, cfg.val_bins, cfg.seed)
-    xv, yv = read_validation(st, vplan, inputs, val_cols, rank, world)
+    xv, yv = read_validation(st, vplan, inputs, val_cols, rank, world, context=ctx)
     w_avg = avg_weights(tc[inputs], ta[inputs], tc[val_cols], ta[val_cols])
 
     for epoch in range(start, cfg.epochs + 1):
@@ -203,7 +210,7 @@ def train_loop(config: WorkerConfig) -> None:
         steps = 0
         for batch in sampler.batches(epoch):
             b = batch.to(device)
-            with autocast_for(device):
+            with autocast_for(device, cfg.precision):
                 pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
                              in_assays[b.target])
             loss = F.mse_loss(pred.float(), b.y)
@@ -218,7 +225,7 @@ def train_loop(config: WorkerConfig) -> None:
                 _faults.exit_once(config.out, f"worker {rank} exited during epoch {epoch}")
         train_s = time.perf_counter() - t0
         val = _validate(net, xv, yv, w_avg, in_cells, in_assays, val_cells, val_assays,
-                        cfg.batch_size, device)
+                        cfg.batch_size, device, cfg.precision)
         agg = _all_reduce(torch.cat([val, torch.stack([loss_sum, torch.tensor(
             float(steps), dtype=torch.float64, device=device)])]))
         metrics = _val_metrics(agg[:8])
@@ -234,8 +241,8 @@ def train_loop(config: WorkerConfig) -> None:
                "best": int(improved)}
         history.append(row)
         report = {**row, "best_epoch": best_epoch if improved else 0, "stopped": int(stopped)}
-        _report(config, rank, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
-                report)
+        _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse,
+                stopped, report)
         if rank == 0:
             _worker_log(_epoch_line(config.kind, epoch, cfg.epochs, metrics, improved))
             checkpoint.write_history(config.out, history)
@@ -267,7 +274,7 @@ def _quiet_ray_train() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _restore(config: WorkerConfig) -> tuple[dict | None, str | None]:
+def _restore(config: WorkerConfig, session) -> tuple[dict | None, str | None]:
     """The state to continue from: after a worker failure, the newest checkpoint of this
     run; otherwise the checkpoint the driver chose (``resume_from``), if any.
 
@@ -275,14 +282,8 @@ def _restore(config: WorkerConfig) -> tuple[dict | None, str | None]:
     failure may not be registered yet, so the run's folder is looked at as well and the
     newer complete one wins.
     """
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    found = []
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            found.append(torch.load(os.path.join(d, STATE), map_location="cpu",
-                                    weights_only=True))
+    handed = session.restored_state()
+    found = [handed] if handed is not None else []
     run_dir = storage.join(config.out, "ray", config.run_name)
     for c in reversed([c for c in checkpoint.epoch_checkpoints(config.out)
                        if c["run"] == config.run_name]):
@@ -304,7 +305,8 @@ def _restore(config: WorkerConfig) -> tuple[dict | None, str | None]:
 
 
 def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_cells,
-              in_assays, val_cells, val_assays, batch: int, device) -> torch.Tensor:
+              in_assays, val_cells, val_assays, batch: int, device,
+              precision: str = "auto") -> torch.Tensor:
     """Sums over this worker's validation bins (float64, on ``device``): n, sum p, sum y,
     sum p^2, sum y^2, sum p*y, squared error, AVG's squared error."""
     sums = torch.zeros(8, dtype=torch.float64)
@@ -313,15 +315,16 @@ def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_
         for i in range(0, len(xv), 4 * batch):
             x = torch.from_numpy(xv[i:i + 4 * batch]).to(device)
             y = torch.from_numpy(yv[i:i + 4 * batch]).double()
-            support = torch.ones_like(x, dtype=torch.bool)
-            with autocast_for(device):
+            support = torch.ones(x.shape[:2], dtype=torch.bool, device=device)
+            with autocast_for(device, precision):
                 p = net(x, support, in_cells, in_assays, val_cells, val_assays)
             p = p.double().cpu()
             sums += torch.stack([torch.tensor(float(p.numel()), dtype=torch.float64), p.sum(),
                                  y.sum(), (p * p).sum(), (y * y).sum(), (p * y).sum(),
                                  ((p - y) ** 2).sum(), torch.zeros((), dtype=torch.float64)])
     if len(xv):
-        avg = xv.astype(np.float64) @ w_avg.astype(np.float64)
+        values = xv[..., 0] if xv.ndim == 3 else xv  # AVG takes the bins' own values
+        avg = values.astype(np.float64) @ w_avg.astype(np.float64)
         sums[7] = float(((avg - yv) ** 2).sum())
     net.train()
     return sums.to(device)
@@ -342,14 +345,12 @@ def _epoch_line(kind: str, epoch: int, epochs: int, m: dict, improved: bool) -> 
             f"{m['bins_per_s']:,.0f} bins/s, {m['seconds']:.1f} s{'  *best*' if improved else ''}")
 
 
-def _report(config, rank, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
+def _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
             metrics):
-    """ray.train.report on every worker; rank 0 attaches the checkpoint."""
-    import ray.train
-
+    """Report the epoch on every worker; rank 0 attaches the checkpoint's files."""
     name = f"epoch_{epoch:04d}"
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+    if session.rank != 0:
+        session.report(metrics, None, name)
         return
     state = {
         "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
@@ -366,10 +367,8 @@ def _report(config, rank, epoch, net, opt, history, restores, best_epoch, best_m
         "assays": config.assays,
         "transform": config.transform,
     }
-    with tempfile.TemporaryDirectory(prefix="edice-ckpt-") as tmp:
-        torch.save(state, os.path.join(tmp, STATE))
-        with open(os.path.join(tmp, METRICS), "w") as f:
-            json.dump({"epoch": epoch, "best_epoch": best_epoch, "best_val_mse": best_mse,
-                       "stopped": bool(stopped), "history": history, "restores": restores}, f)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=name)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    summary = {"epoch": epoch, "best_epoch": best_epoch, "best_val_mse": best_mse,
+               "stopped": bool(stopped), "history": history, "restores": restores}
+    session.report(metrics, {STATE: buf.getvalue(), METRICS: json.dumps(summary).encode()}, name)

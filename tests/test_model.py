@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edice_dist.model import EDICE, ModelConfig, extend_vocab
+from edice_dist.model import EDICE, ModelConfig, extend_vocab, keep_mask
 
 
 def small_model(n_cells=5, n_assays=4, seed=0, **kw) -> EDICE:
@@ -275,6 +275,49 @@ def test_dropout_only_in_training_mode():
         c = model(x, support, tc, ta, *q)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_keep_mask_is_inverted_dropout_and_seeded(p):
+    torch.manual_seed(5)
+    k = keep_mask(torch.Size([400, 1001]), p, torch.device("cpu"))
+    assert k.shape == (400, 1001) and k.dtype == torch.float32
+    m = k == 0
+    assert abs(m.double().mean().item() - p) < 0.005  # binomial sd ~0.0007
+    # Every one of the four 16-bit draws taken from a 64-bit draw is fair.
+    for j in range(4):
+        assert abs(m.flatten()[j::4].double().mean().item() - p) < 0.01
+    # Elements are independent: no visible correlation between neighbours.
+    z = m.double().flatten().numpy()
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01
+    np.testing.assert_allclose(k[~m].numpy(), 1 / (1 - p), rtol=1e-4)
+    assert abs(k.double().mean().item() - 1) < 0.01  # expectation kept
+    torch.manual_seed(5)
+    assert torch.equal(k, keep_mask(torch.Size([400, 1001]), p, torch.device("cpu")))
+
+
+def test_training_decoder_is_inverted_dropout_after_each_relu():
+    """The decoder in training mode equals dropout(relu(.)) with 1/(1-p) scaling after each
+    hidden layer, computed here by hand with the same random draws; its gradient too."""
+    model = small_model(decoder_layers=2).train()
+    z = torch.randn(7, 5, 32, requires_grad=True)
+    torch.manual_seed(3)
+    out = model.decode_hidden(z.clone())
+    torch.manual_seed(3)
+    h = torch.relu(z) * keep_mask(z.shape, 0.3, z.device)
+    h = torch.relu(model.decoder[1](h))
+    h = h * keep_mask(h.shape, 0.3, h.device)
+    want = model.output(h).squeeze(-1)
+    np.testing.assert_allclose(out.detach().numpy(), want.detach().numpy(), rtol=1e-4, atol=1e-6)
+    g = torch.randn_like(out)
+    (gz,) = torch.autograd.grad(out, z, g)
+    (gw,) = torch.autograd.grad(want, z, g)
+    np.testing.assert_allclose(gz.numpy(), gw.numpy(), rtol=1e-4, atol=1e-6)
+    model.eval()
+    e = model.decode_hidden(z.detach().clone())
+    h = torch.relu(model.decoder[1](torch.relu(z.detach())))
+    np.testing.assert_allclose(e.detach().numpy(), model.output(h).squeeze(-1).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_extend_vocab_keeps_old_predictions():

@@ -1,4 +1,5 @@
-"""Training batches from the store: coverage, sharding, masking, validation bins."""
+"""Training batches from the store: coverage, genome-wide mixing, bounded memory, masking,
+validation bins."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from edice_dist.sampler import (
     avg_weights,
     draw_targets,
     effective_n_targets,
+    genome_blocks,
     read_validation,
-    split_pieces,
     validation_plan,
 )
 
@@ -76,15 +77,19 @@ def test_effective_n_targets_caps_to_a_fraction():
         effective_n_targets(1, 1, 0.5)
 
 
-def test_split_pieces_gives_every_worker_something():
-    chunks = [Chunk("chr1", 0, 0, 10)]
-    pieces = split_pieces(chunks, 8)
-    assert len(pieces) >= 8
-    assert sorted((p.start, p.stop) for p in pieces)[0][0] == 0
-    covered = np.zeros(10, int)
-    for p in pieces:
-        covered[p.start:p.stop] += 1
-    assert (covered == 1).all()
+def test_genome_blocks_tile_the_genome_and_split_for_workers(bin_store):
+    st, _ = bin_store
+    for block_bins, least in ((100, 1), (4096, 8), (4096, 200)):
+        blocks = genome_blocks(st, block_bins, least)
+        assert len(blocks) >= min(least, st.genome.total_bins)
+        for chrom in st.genome.chroms:
+            covered = np.zeros(st.genome.n_bins(chrom), int)
+            for b in blocks:
+                if b.chrom == chrom:
+                    assert 0 < b.n_bins <= block_bins
+                    covered[b.start:b.stop] += 1
+            assert (covered == 1).all()
+    assert all(isinstance(b, Chunk) for b in blocks)
 
 
 def test_epoch_covers_disjoint_bins_across_workers(bin_store):
@@ -93,7 +98,7 @@ def test_epoch_covers_disjoint_bins_across_workers(bin_store):
     cols = st.split_indices("train")
     world, B = 3, 32
     samplers = [TrainSampler(st, cols, 2, B, seed=4, rank=r, world_size=world,
-                             shuffle_chunks=2) for r in range(world)]
+                             buffer_bins=300, block_bins=64) for r in range(world)]
     steps = samplers[0].steps(0)
     assert all(s.steps(0) == steps for s in samplers)
     seen = []
@@ -112,8 +117,8 @@ def test_epoch_covers_disjoint_bins_across_workers(bin_store):
     seen = np.concatenate(seen)
     assert len(np.unique(seen)) == len(seen)  # no bin twice in an epoch
     total = st.genome.total_bins
-    # The smallest share decides; at most a few batches per worker are left over.
-    assert len(seen) > total - world * (2 * 256 + B)
+    # The smallest share decides; at most a few blocks per worker are left over.
+    assert len(seen) > total - world * (2 * 64 + B)
     # Bins come from all chromosomes.
     assert set(np.unique(table[seen, 1]).astype(int)) == {0, 1, 2}
 
@@ -147,8 +152,8 @@ def test_batches_are_seeded_and_change_per_epoch(bin_store):
     assert not np.array_equal(ea[0].x.numpy(), next(iter(c.batches(1))).x.numpy())
 
 
-def test_sampler_reads_whole_chunks_at_most(bin_store, monkeypatch):
-    """Streaming: every read is one chunk (or part of one), never a chromosome."""
+def test_sampler_reads_one_block_at_a_time(bin_store, monkeypatch):
+    """Streaming: every read is one block, never a chromosome."""
     st, _ = bin_store
     sizes = []
     orig = st.array
@@ -167,9 +172,9 @@ def test_sampler_reads_whole_chunks_at_most(bin_store, monkeypatch):
             return self.arr.dtype
 
     monkeypatch.setattr(st, "array", lambda chrom: Spy(orig(chrom)))
-    s = TrainSampler(st, st.split_indices("train"), 2, 64, seed=1, shuffle_chunks=2)
+    s = TrainSampler(st, st.split_indices("train"), 2, 64, seed=1, block_bins=100)
     n = sum(1 for _ in s.batches(0))
-    assert n > 0 and sizes and max(sizes) <= st.chunk_bins
+    assert n > 0 and sizes and max(sizes) <= 100
 
 
 def test_too_small_genome_is_a_clear_error(tmp_path):
@@ -212,3 +217,75 @@ def test_avg_weights_match_a_loop():
         others = [t for t in range(12) if ia[t] == ta[v] and ic[t] != tc[v]]
         want = x[:, others].mean(axis=1) if others else np.zeros(7)
         np.testing.assert_allclose(got[:, v], want, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wide_store(tmp_path_factory):
+    """A 600,000-bin genome (39 store chunks of 16,384 bins) whose column 0 holds each
+    bin's genome-wide index."""
+    path = str(tmp_path_factory.mktemp("wide") / "store")
+    st, _ = make_store(path, n_cells=2, n_assays=2, chrom_bins=(300_000, 200_000, 100_000),
+                       chunk_bins=16384)
+    root = zarr.open_group(storage.zarr_store(path), mode="r+")
+    off = 0
+    for i, c in enumerate(st.genome.chroms):
+        n = st.genome.n_bins(c)
+        arr = root["signal"][store_mod.array_key(c, i)]
+        data = np.asarray(arr[:])
+        data[:, 0] = np.arange(off, off + n)
+        arr[:] = data
+        off += n
+    return store_mod.open_store(path)
+
+
+def _regions(st, ids, region_bins=16384):
+    """Distinct store chunks (~400 kbp regions) that bins ``ids`` fall in."""
+    starts = np.cumsum([0] + [st.genome.n_bins(c) for c in st.genome.chroms])
+    chrom = np.searchsorted(starts, ids, side="right") - 1
+    return set(zip(chrom.tolist(), ((ids - starts[chrom]) // region_bins).tolist(), strict=True))
+
+
+def test_batches_mix_regions_from_the_whole_genome(wide_store):
+    """A batch must look like independent draws from the genome, not a few regions: the
+    former sampler (4 store chunks shuffled together) gave at most 4 regions per batch,
+    and an epoch of 10 % of the bins saw 4 of the 39 regions."""
+    st = wide_store
+    n_regions = len(_regions(st, np.arange(st.genome.total_bins)))
+    assert n_regions == 39
+    s = TrainSampler(st, st.split_indices("train"), 1, 256, seed=2, bins_per_epoch=60_000)
+    per_batch, epoch = [], set()
+    for b in s.batches(1):
+        ids = b.x[:, 0].numpy().astype(np.int64)
+        regions = _regions(st, ids)
+        per_batch.append(len(regions))
+        epoch |= regions
+    assert len(per_batch) == 60_000 // 256
+    assert min(per_batch) >= 16 and np.mean(per_batch) >= 20
+    assert len(epoch) >= 30  # a short epoch still sees most of the genome
+    # Consecutive batches are not the same few regions over and over.
+    b0, b1 = list(s.batches(1))[:2]
+    shared = _regions(st, b0.x[:, 0].numpy().astype(np.int64)) & _regions(
+        st, b1.x[:, 0].numpy().astype(np.int64))
+    assert len(shared) < 0.9 * n_regions
+
+
+def test_sampler_memory_is_flat_in_genome_length(wide_store, tmp_path, monkeypatch):
+    """The rows held at once depend on the buffer, not on the genome: a genome 6x longer
+    holds no more."""
+    small, _ = make_store(str(tmp_path / "small"), n_cells=2, n_assays=2,
+                          chrom_bins=(100_000,), chunk_bins=16384)
+    real_concat = np.concatenate
+    held = []
+
+    def spy(parts, *a, **k):
+        out = real_concat(parts, *a, **k)
+        held[-1] = max(held[-1], len(out))
+        return out
+
+    monkeypatch.setattr(np, "concatenate", spy)
+    for st in (small, wide_store):
+        held.append(0)
+        s = TrainSampler(st, st.split_indices("train"), 1, 256, seed=0, buffer_bins=20_000)
+        assert sum(1 for _ in s.batches(0)) == st.genome.total_bins // 256
+    assert 19_000 <= held[0] <= 20_000 + 1024
+    assert 19_000 <= held[1] <= 20_000 + 1024

@@ -1,0 +1,114 @@
+"""Local genomic context: window means of the supports, read alike by training and
+imputation, and the model's use of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from trainstore import make_store
+
+from edice_dist.context import check, read_window, window_means
+from edice_dist.model import EDICE, ModelConfig
+from edice_dist.predict import predict_chunk
+from edice_dist.sampler import TrainSampler, read_validation, validation_plan
+
+
+def naive_means(col: np.ndarray, h: int) -> np.ndarray:
+    """Mean over [k - h, k + h] cut at both ends of ``col``, one bin at a time."""
+    n = len(col)
+    return np.array([col[max(0, k - h):min(n, k + h + 1)].mean() for k in range(n)])
+
+
+def test_window_means_match_a_loop_and_cut_at_the_ends():
+    rng = np.random.default_rng(0)
+    chrom = rng.gamma(0.5, 2.0, size=(300, 3)).astype(np.float32)
+    ctx = (2, 7, 40)
+    full = window_means(chrom, ctx, 0, 0)
+    assert full.shape == (300, 3, 4) and full.dtype == np.float32
+    np.testing.assert_array_equal(full[:, :, 0], chrom)
+    for i, h in enumerate(ctx, start=1):
+        for t in range(3):
+            np.testing.assert_allclose(full[:, t, i], naive_means(chrom[:, t], h), rtol=1e-5)
+    # A window read with halos gives the same features as the whole chromosome.
+    for start, stop in ((0, 50), (37, 130), (260, 300), (100, 101)):
+        lo, hi = max(0, start - 40), min(300, stop + 40)
+        part = window_means(chrom[lo:hi], ctx, start - lo, hi - stop)
+        np.testing.assert_allclose(part, full[start:stop], rtol=1e-5)
+    assert check([20, 4, 4]) == (4, 20)
+    with pytest.raises(ValueError):
+        check([0, 3])
+
+
+@pytest.fixture(scope="module")
+def ctx_store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ctx") / "store")
+    st, truth = make_store(path, n_cells=4, n_assays=3, chrom_bins=(3000, 700),
+                           chunk_bins=1024, splits={(1, 1): "val"})
+    return st, truth
+
+
+def test_store_windows_are_the_same_whatever_the_read(ctx_store):
+    """A bin's features do not depend on which block or chunk it was read with."""
+    st, truth = ctx_store
+    cols = np.array([0, 2, 5])
+    ctx = (3, 50)
+    whole = window_means(truth["chr1"][:, cols], ctx, 0, 0)
+    for start, stop in ((0, 1024), (1000, 2048), (2990, 3000), (512, 1536)):
+        got = read_window(st, "chr1", start, stop, cols, ctx)
+        np.testing.assert_allclose(got, whole[start:stop], rtol=1e-5)
+
+
+def test_sampler_and_validation_carry_the_context(ctx_store):
+    st, truth = ctx_store
+    cols = st.split_indices("train")
+    ctx = (4, 20)
+    table = {c: window_means(truth[c][:, cols], ctx, 0, 0) for c in st.genome.chroms}
+    stacked = np.concatenate([table[c] for c in st.genome.chroms])
+    s = TrainSampler(st, cols, 2, 32, seed=1, bins_per_epoch=640, block_bins=256, context=ctx)
+    for b in s.batches(0):
+        x = b.x.numpy()
+        assert x.shape == (32, len(cols), 3)
+        # Each row is some bin's features: find it by its values and compare all channels.
+        for row in x[:4]:
+            k = np.flatnonzero(np.all(np.isclose(stacked[:, :, 0], row[:, 0]), axis=1))
+            assert len(k) >= 1
+            np.testing.assert_allclose(row, stacked[k[0]], rtol=1e-5)
+        np.testing.assert_array_equal(b.y.numpy(), np.take_along_axis(x[:, :, 0], b.target.numpy(), 1))
+    plan = validation_plan(st, 200, seed=0, block_bins=256)
+    xv, yv = read_validation(st, plan, cols, st.split_indices("val"), context=ctx)
+    assert xv.shape == (200, len(cols), 3) and yv.shape == (200, 1)
+
+
+def test_model_with_context_embeds_every_channel():
+    """Channel c of a (cell, assay) input feeds the embedder's column assay * C + c, and
+    predict_chunk equals the model on the same features."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(4, 3, embed_dim=16, n_heads=4, ffn_dim=8, decoder_hidden=32,
+                      context=(2, 9))
+    model = EDICE(cfg).eval()
+    assert model.cell_embed.linear.weight.shape == (16, 3 * 3)
+    assert model.assay_embed.linear.weight.shape == (16, 4 * 3)
+    rng = np.random.default_rng(1)
+    tc = torch.tensor([0, 0, 1, 2, 3, 3])
+    ta = torch.tensor([0, 1, 2, 0, 1, 2])
+    x = torch.from_numpy(rng.gamma(1.0, 1.0, size=(5, 6, 3)).astype(np.float32))
+    support = torch.ones(5, 6, dtype=torch.bool)
+    support[0, 1] = False
+    y_c, y_a, nc, na = model.node_inputs(x, support, tc, ta)
+    assert y_c.shape == (5, 4, 9) and y_a.shape == (5, 3, 12)
+    # Cell 0 at bin 0 has only track 0 (assay 0) as support: its 3 channels, then zeros.
+    np.testing.assert_allclose(y_c[0, 0].numpy(), np.r_[x[0, 0].numpy(), np.zeros(6)])
+    # Assay 2 has tracks 2 (cell 1) and 5 (cell 3), each divided by N_a = 2.
+    want = np.zeros((4, 3))
+    want[1], want[3] = x[1, 2].numpy() / 2, x[1, 5].numpy() / 2
+    np.testing.assert_allclose(y_a[1, 2].numpy(), want.ravel(), rtol=1e-6)
+    qc, qa = np.array([0, 1, 2, 3]), np.array([2, 0, 1, 1])
+    with torch.no_grad():
+        direct = model(x, support.new_ones(5, 6), tc, ta, torch.from_numpy(qc),
+                       torch.from_numpy(qa)).numpy().T
+    got = predict_chunk(model, x.numpy(), np.arange(6), tc.numpy(), ta.numpy(), qc, qa,
+                        dtype="float32")
+    np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="3 value"):
+        model(x[:, :, 0], support, tc, ta, torch.from_numpy(qc), torch.from_numpy(qa))
