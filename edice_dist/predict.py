@@ -4,8 +4,9 @@ Per batch of bins the attention runs once for all targets (only the target cells
 assays are queries), the decoder's first layer is applied once per cell and once per
 assay (``W1c c + W1a a``, SPEC section 5), and the remaining decoder layers run as large
 matrix products over every (bin, target) row. On a GPU, and on CPUs with native bf16
-(AVX-512 BF16 / AMX), the decoder runs in bfloat16 with float32 accumulation; the
-attention, the first-layer halves and the output layer stay in float32.
+(AVX-512 BF16 / AMX), the whole decoder runs in bfloat16 with float32 accumulation; the
+signal embedders and the attention stay in float32. Its cost in accuracy is measured on
+held-out tracks (BENCHMARKS.md, Imputation).
 
 Pure: no Ray, no storage. :mod:`edice_dist.impute` drives it.
 """
@@ -77,7 +78,7 @@ def resolve_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
 
 
 def _decode(pc, pa, pos_c, pos_a, hidden, w_out, b_out):
-    """The decoder from the first-layer halves.
+    """The decoder from the first-layer halves, as one graph for ``torch.compile``.
 
     pc : (Qc, B, H), pa : (Qa, B, H) in the compute dtype; pos_c, pos_a : (k,) long.
     Returns (k, B) float32.
@@ -85,9 +86,40 @@ def _decode(pc, pa, pos_c, pos_a, hidden, w_out, b_out):
     z = (pc[pos_c] + pa[pos_a]).relu_().flatten(0, 1)
     for w, b in hidden:
         z = F.linear(z, w, b).relu_()
-    # The output layer in float32: one value per row, so it costs little and keeps bf16
-    # rounding out of the final value.
-    return F.linear(z.float(), w_out, b_out).view(pos_c.shape[0], -1)
+    return F.linear(z, w_out, b_out).float().view(pos_c.shape[0], -1)
+
+
+def _decode_eager(pc, pa, pos_c: list[int], pos_a: list[int], hidden, w_out, b_out,
+                  fused=None):
+    """:func:`_decode` without its gathers: each target's row block is one add of two
+    node rows into place (the gather + add + copy passes over the decoder's largest
+    tensor cost as much as its products on a CPU; BENCHMARKS.md, Imputation).
+    ``fused``: a linear + ReLU in one call (:func:`_fused_linear_relu`), for ``hidden``
+    weights packed for it."""
+    k, (_, B, H) = len(pos_c), pc.shape
+    z = torch.empty((k, B, H), dtype=pc.dtype, device=pc.device)
+    for i, (c, a) in enumerate(zip(pos_c, pos_a, strict=True)):
+        torch.add(pc[c], pa[a], out=z[i])
+    z = z.relu_().view(k * B, H)
+    for w, b in hidden:
+        z = fused(z, w, b) if fused is not None else F.linear(z, w, b).relu_()
+    return F.linear(z, w_out, b_out).float().view(k, B)
+
+
+@functools.cache
+def _fused_linear_relu():
+    """oneDNN's linear with the ReLU fused in (the op torch.compile emits on CPUs), or None
+    where this torch build lacks it. In bf16 on a CPU the separate ReLU pass cost ~40 % of
+    a hidden layer's time (BENCHMARKS.md, Imputation)."""
+    try:
+        op, pack = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+        x, w = torch.ones(3, 4, dtype=torch.bfloat16), torch.ones(2, 4, dtype=torch.bfloat16)
+        b = torch.zeros(2, dtype=torch.bfloat16)
+        if not torch.equal(op(x, pack(w, 3), b, "relu", [], ""), F.linear(x, w, b).relu_()):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return (lambda z, w, b: op(z, w, b, "relu", [], "")), pack
 
 
 @dataclass
@@ -100,9 +132,15 @@ class Predictor:
         In eval mode, float32, on ``device``.
     device : torch.device
     dtype : torch.dtype
-        Compute dtype of the decoder's hidden layers.
+        Compute dtype of the whole decoder, its first layer and output included
+        (products accumulate in float32 either way).
+    first : (weight of the cell half, weight of the assay half, bias)
+        The decoder's first layer split (SPEC section 5), cast to ``dtype`` once.
     hidden : list of (weight, bias)
         Decoder layers after the first, cast to ``dtype`` once.
+    output : (weight, bias) of the output layer, in ``dtype``.
+    fused : the fused linear + ReLU the ``hidden`` weights are packed for (bf16 on CPUs),
+        or None.
     compiled : bool
         Whether the decoder runs through ``torch.compile`` (one fused pass for the
         gather + add + ReLU of the first layer; falls back to eager on any failure).
@@ -111,7 +149,10 @@ class Predictor:
     model: EDICE
     device: torch.device
     dtype: torch.dtype
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     hidden: list[tuple[torch.Tensor, torch.Tensor]]
+    output: tuple[torch.Tensor, torch.Tensor]
+    fused: object = None
     compiled: bool = False
     _fn: object = None
 
@@ -119,21 +160,39 @@ class Predictor:
     def rows(self) -> int:
         return ROWS_CUDA if self.device.type == "cuda" else ROWS_CPU
 
+    def first_layer(self, c_ctx: torch.Tensor, a_ctx: torch.Tensor):
+        """The first layer's halves, node-major: (Qc, B, H) and (Qa, B, H) in ``dtype``.
+
+        Transposing the embeddings (d wide) rather than the halves (H wide) to node-major
+        moves H/d times less data; a block's rows are then (target, bin), the output's
+        order."""
+        wc, wa, b = self.first
+        # Contiguous first: a strided 3-d input makes linear a slow batched product.
+        c = c_ctx.transpose(0, 1).to(self.dtype, memory_format=torch.contiguous_format)
+        a = a_ctx.transpose(0, 1).to(self.dtype, memory_format=torch.contiguous_format)
+        return F.linear(c, wc), F.linear(a, wa, b)
+
     def decode(self, pc, pa, pos_c, pos_a):
-        w_out = self.model.output.weight.detach().float()
-        b_out = self.model.output.bias.detach().float()
+        """Predictions (k, B) float32 of the targets at positions ``pos_c``/``pos_a`` of
+        the queried cells and assays (long tensors)."""
         if self.compiled:
             if self._fn is None:
                 self._fn = torch.compile(_decode, dynamic=False)
             try:
-                return self._fn(pc, pa, pos_c, pos_a, self.hidden, w_out, b_out)
+                return self._fn(pc, pa, pos_c, pos_a, self._plain_hidden(), *self.output)
             except Exception as e:  # noqa: BLE001 - a missing compiler must not stop a run
                 import warnings
 
                 warnings.warn(f"torch.compile of the decoder failed ({type(e).__name__}: {e}); "
                               "running eager", stacklevel=2)
                 self.compiled = False
-        return _decode(pc, pa, pos_c, pos_a, self.hidden, w_out, b_out)
+        return _decode_eager(pc, pa, pos_c.tolist(), pos_a.tolist(), self.hidden, *self.output,
+                             fused=self.fused)
+
+    def _plain_hidden(self):
+        """The hidden layers as plain tensors (the compiler does its own packing)."""
+        return [(layer.weight.detach().to(self.dtype), layer.bias.detach().to(self.dtype))
+                for layer in self.model.decoder[1:]] if self.fused else self.hidden
 
 
 def _want_compile(model: EDICE, device: torch.device, dtype: torch.dtype, compile) -> bool:
@@ -166,8 +225,21 @@ def prepare(model: EDICE | Predictor, device=None, dtype=None, compile: bool | N
     dev = resolve_device(device)
     dt = resolve_dtype(dev, dtype)
     model = model.to(dev).eval()
-    hidden = [(layer.weight.detach().to(dt), layer.bias.detach().to(dt)) for layer in model.decoder[1:]]
-    return Predictor(model, dev, dt, hidden, _want_compile(model, dev, dt, compile))
+    d = model.cfg.embed_dim
+
+    def cast(t):
+        return t.detach().to(dt)
+
+    w1 = model.decoder[0].weight
+    first = (cast(w1[:, :d]), cast(w1[:, d:]), cast(model.decoder[0].bias))
+    hidden = [(cast(layer.weight), cast(layer.bias)) for layer in model.decoder[1:]]
+    output = (cast(model.output.weight), cast(model.output.bias))
+    compiled = _want_compile(model, dev, dt, compile)
+    fused = None
+    if dev.type == "cpu" and dt == torch.bfloat16 and not compiled and _fused_linear_relu():
+        fused, pack = _fused_linear_relu()
+        hidden = [(pack(w, ROWS_CPU), b) for w, b in hidden]
+    return Predictor(model, dev, dt, first, hidden, output, fused, compiled)
 
 
 def _check_index(name: str, idx: np.ndarray, n: int, what: str) -> None:
@@ -279,10 +351,7 @@ def predict_chunk(
             xb = xs[b0:b0 + batch_bins].to(dev, non_blocking=True)
             sup = torch.ones(xb.shape[:2], dtype=torch.bool, device=dev)
             c_ctx, a_ctx = m.contextualise(xb, sup, tc, ta, q_cells, q_assays)
-            pc, pa = m.first_layer_halves(c_ctx, a_ctx)
-            # Node-major (Q, B, H): a block's rows are then (target, bin), the output's order.
-            pc = pc.transpose(0, 1).to(pred.dtype).contiguous()
-            pa = pa.transpose(0, 1).to(pred.dtype).contiguous()
+            pc, pa = pred.first_layer(c_ctx, a_ctx)
             for k0 in range(0, K, k_block):
                 k1 = min(k0 + k_block, K)
                 y = pred.decode(pc, pa, pos_c[k0:k0 + k_block], pos_a[k0:k0 + k_block])
