@@ -31,11 +31,13 @@ from .progress import Progress, log
 from .runfolder import bigwig_name
 
 
-def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
+def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval",
+                 spread: bool = False) -> int:
     """Write target ``k`` of the output store ``out_zarr`` as a bigWig at ``dest``.
 
     Reads the target's row one stored chunk at a time per chromosome. ``dest`` appears
-    only when the file is complete.
+    only when the file is complete. ``spread``: the target's spread instead, which stays
+    in arcsinh units whatever ``space`` is (a standard deviation has no -log10 p value).
 
     Returns
     -------
@@ -50,7 +52,7 @@ def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
         disk, a damaged output store) names the target and the file.
     """
     try:
-        return _write_bigwig(out_zarr, k, dest, space)
+        return _write_bigwig(out_zarr, k, dest, space, spread)
     except EdiceError:
         raise
     except Exception as e:
@@ -58,7 +60,7 @@ def write_bigwig(out_zarr: str, k: int, dest: str, space: str = "pval") -> int:
                          f"{explain(e)}") from e
 
 
-def _write_bigwig(out_zarr: str, k: int, dest: str, space: str) -> int:
+def _write_bigwig(out_zarr: str, k: int, dest: str, space: str, spread: bool) -> int:
     import pyBigWig
     import zarr
 
@@ -85,14 +87,15 @@ def _write_bigwig(out_zarr: str, k: int, dest: str, space: str) -> int:
         # The header must come before any entry (pyBigWig crashes otherwise).
         bw.addHeader([(c["name"], int(c["size"])) for c in chroms])
         for c in chroms:
-            arr = root[c["array"]]
+            key = runfolder.spread_array(c["array"]) if spread else c["array"]
+            arr = root[key]
             size, nb = int(c["size"]), int(c["n_bins"])
             if arr.shape != (len(attrs["targets"]), nb):
-                raise EdiceError(f"{out_zarr}/{c['array']} has shape {arr.shape}, expected "
+                raise EdiceError(f"{out_zarr}/{key} has shape {arr.shape}, expected "
                                  f"({len(attrs['targets'])}, {nb}): the output store is damaged.")
             for start in range(0, nb, step):
                 stop = min(start + step, nb)
-                vals = spaces.to_space(arr[k, start:stop], space)
+                vals = spaces.to_space(arr[k, start:stop], "arcsinh" if spread else space)
                 bad = ~np.isfinite(vals)
                 if bad.any():
                     first = start + int(np.argmax(bad))
@@ -129,11 +132,12 @@ def _write_bigwig(out_zarr: str, k: int, dest: str, space: str) -> int:
     return n_written
 
 
-def _manifest(records: list[dict]) -> str:
-    lines = ["cell_type\tassay\tindividual\tpath"]
+def _manifest(records: list[dict], spread: bool = False) -> str:
+    lines = ["cell_type\tassay\tindividual\tpath" + ("\tspread_path" if spread else "")]
     for r in records:
         lines.append(f"{r['cell_type']}\t{r['assay']}\t{r['individual']}\t"
-                     f"{bigwig_name(r['track_id'])}")
+                     f"{bigwig_name(r['track_id'])}"
+                     + (f"\t{runfolder.spread_name(r['track_id'])}" if spread else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -170,8 +174,14 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
     out_zarr, attrs = runfolder.finished_output(run_dir)
     owned.check(run_dir, "run", flag="RUN_DIR")
     records = attrs["targets"]
-    dests = [runfolder.bigwig_path(run_dir, r) for r in records]
-    files = [storage.basename(d) for d in dests]
+    spread = bool(attrs.get("uncertainty"))
+    # One task per file: (target, destination, spread or not).
+    jobs = [(k, runfolder.bigwig_path(run_dir, r), False) for k, r in enumerate(records)]
+    if spread:
+        bw = runfolder.bigwig_dir(run_dir)
+        jobs += [(k, storage.join(bw, runfolder.spread_name(r["track_id"])), True)
+                 for k, r in enumerate(records)]
+    files = [storage.basename(d) for _, d, _ in jobs]
     bins = sum(int(c["n_bins"]) for c in attrs["chroms"])
     bw_dir = runfolder.bigwig_dir(run_dir)
     storage.makedirs(bw_dir)
@@ -190,13 +200,14 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
                 storage.remove(storage.join(bw_dir, f))
         names = set()
     storage.write_text_atomic(info_path, json.dumps({"space": space, "run": run_dir}) + "\n")
-    todo = [k for k, f in enumerate(files) if f not in names]
+    todo = [i for i, f in enumerate(files) if f not in names]
     t0 = time.monotonic()
     if todo:
         raycluster.init()
         n = workers or raycluster.cpu_slots()
         task = ray.remote(write_bigwig).options(num_cpus=1, max_retries=2)
-        log(f"export: {len(todo)} bigWig(s) ({len(records) - len(todo)} exist) in {space} space, "
+        log(f"export: {len(todo)} bigWig(s) ({len(jobs) - len(todo)} exist) in {space} space"
+            + (" (spreads in arcsinh units)" if spread else "") + ", "
             f"{bins:,} bins each, {n} at a time -> {bw_dir}")
         prog = Progress(len(todo), "exporting", unit="bigWigs")
         queue = list(todo)
@@ -204,8 +215,8 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
         try:
             while queue or running:
                 while queue and len(running) < n:
-                    k = queue.pop(0)
-                    running[task.remote(out_zarr, k, dests[k], space)] = k
+                    i = queue.pop(0)
+                    running[task.remote(out_zarr, *jobs[i][:2], space, jobs[i][2])] = i
                 ready, _ = ray.wait(list(running), num_returns=1)
                 running.pop(ready[0])
                 try:
@@ -220,7 +231,7 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
                 ray.cancel(ref, force=True)
     secs = time.monotonic() - t0
     manifest = storage.join(bw_dir, runfolder.BIGWIG_MANIFEST)
-    storage.write_text_atomic(manifest, _manifest(records))
+    storage.write_text_atomic(manifest, _manifest(records, spread))
     rate = len(todo) * bins / secs if todo and secs > 0 else 0.0
     if todo:
         log(f"exported {len(todo)} bigWig(s) x {bins:,} bins in {secs:.1f} s: "
@@ -228,6 +239,6 @@ def export(run_dir: str, space: str = "pval", force: bool = False,
     hub_info = None
     if hub:  # after the bigWigs: every file the hub names exists when it appears
         hub_info = _hub.write_run_hub(run_dir, records, attrs["chroms"], space, genome=genome,
-                                      observed=hub_observed, email=hub_email)
-    return {"files": len(todo), "skipped": len(records) - len(todo), "bins": bins,
+                                      observed=hub_observed, email=hub_email, spread=spread)
+    return {"files": len(todo), "skipped": len(jobs) - len(todo), "bins": bins,
             "seconds": secs, "bins_per_s": rate, "manifest": manifest, "hub": hub_info}

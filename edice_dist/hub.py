@@ -545,7 +545,7 @@ def _copy(src: str, dest: str) -> None:
 
 def write_run_hub(run_dir: str, records: list[dict], chroms: list[dict], space: str,
                   genome: str | None = None, observed: str = "none",
-                  email: str = DEFAULT_EMAIL) -> dict:
+                  email: str = DEFAULT_EMAIL, spread: bool = False) -> dict:
     """The hub of an imputation run, in its ``bigwig/`` folder beside the bigWigs.
 
     Parameters
@@ -555,6 +555,7 @@ def write_run_hub(run_dir: str, records: list[dict], chroms: list[dict], space: 
     genome : UCSC assembly name; None: recognised (see :func:`resolve_genome`).
     observed : ``none``, ``link`` or ``copy`` the observed tracks of the run's store
         (see :func:`observed_tracks`).
+    spread : the run has a spread bigWig per target (``edice impute --uncertainty``).
 
     Returns
     -------
@@ -566,6 +567,9 @@ def write_run_hub(run_dir: str, records: list[dict], chroms: list[dict], space: 
     bw_dir = runfolder.bigwig_dir(run_dir)
     tracks = [HubTrack(r["cell_key"], r["assay"], "imputed", bigwig_name(r["track_id"]))
               for r in records]
+    if spread:
+        tracks += [HubTrack(r["cell_key"], r["assay"], "spread", runfolder.spread_name(r["track_id"]))
+                   for r in records]
     if observed != "none":
         tracks += observed_tracks(_store_tracks(run_dir), bw_dir, observed)
     name = "_".join(storage.basename(p) for p in (storage.parent(run_dir), run_dir))

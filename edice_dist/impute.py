@@ -182,7 +182,8 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
            force: bool = False, workers: int | None = None, gpus: int | None = None,
            space: str = "pval", export: bool = True, batch_bins: int | None = None,
            dtype: str | None = None, hub: bool = True, genome: str | None = None,
-           hub_observed: str = "none", hub_email: str = DEFAULT_EMAIL) -> dict:
+           hub_observed: str = "none", hub_email: str = DEFAULT_EMAIL,
+           uncertainty: int = 0) -> dict:
     """``edice impute``: predict every target over the genome, then export bigWigs.
 
     Parameters
@@ -200,6 +201,9 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
         :func:`compute_dtype`); it also sets the output store's dtype (float32 or float16).
     hub, genome, hub_observed, hub_email : the track hub of the export (see
         :func:`edice_dist.export.export`).
+    uncertainty : Monte Carlo dropout samples per bin (0: none, else at least 2): the
+        output store then holds each target's spread too, and the export writes it as
+        ``<track_id>.spread.bigWig`` (see :func:`edice_dist.predict.predict_chunk`).
 
     Returns
     -------
@@ -218,6 +222,9 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
                              ("--gpus", gpus, 0)):
         if value is not None and value < low:
             raise InputError(f"{name} must be an integer >= {low}, got {value}.")
+    if uncertainty == 1 or uncertainty < 0:
+        raise InputError(f"--uncertainty must be 0 (no spreads) or at least 2 Monte Carlo "
+                         f"samples, got {uncertainty}.")
     # Actors may run in another working directory (cluster jobs): pass absolute paths.
     store, model, out = (p if storage.is_url(p) else os.path.abspath(p) for p in (store, model, out))
     owned.check(out, "run")
@@ -227,6 +234,10 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
     stage(1, n_stages, f"plan: store {store}, model {model}, run folder {out}")
     st = open_store(store)
     meta = load_meta(model)
+    if uncertainty and not meta["model_config"].get("decoder_dropout"):
+        raise InputError(f"--uncertainty needs a model trained with dropout, and {model} has "
+                         "decoder_dropout 0: its Monte Carlo samples would all be equal. "
+                         "Impute without --uncertainty, or train with decoder_dropout > 0.")
     targets_l = resolve_targets(targets, st, meta)
     cols, cells, assays = select_supports(st, meta)
     chrom_list = list(st.genome.subset(chroms).chroms)
@@ -235,7 +246,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
     ci = {c: i for i, c in enumerate(meta["cell_keys"])}
     ai = {a: i for i, a in enumerate(meta["assays"])}
     info = runfolder.run_info(st, model, model_sha256(model), recs, chrom_list, plan,
-                              [st.tracks[i].track_id for i in cols])
+                              [st.tracks[i].track_id for i in cols], uncertainty)
 
     old = runfolder.reconcile(out, info, force)
     final = runfolder.output_path(out)
@@ -279,8 +290,9 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
                                       "output_dtype": out_dt})
                 runfolder.create_output(
                     part, st, chrom_list, recs, st.chunk_bins,
-                    {"store": store, "model": model, "model_sha256": info["model_sha256"]},
-                    dtype=out_dt)
+                    {"store": store, "model": model, "model_sha256": info["model_sha256"],
+                     "uncertainty": uncertainty},
+                    dtype=out_dt, spread=bool(uncertainty))
             elif old.get("dtype") not in (None, compute_dt):
                 log(f"note: the remaining chunks are computed in {compute_dt}; the first ones "
                     f"were computed in {old['dtype']}")
@@ -293,7 +305,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
                               np.array([ci[r["cell_key"]] for r in recs], dtype=np.int64),
                               np.array([ai[r["assay"]] for r in recs], dtype=np.int64),
                               array_keys, dtype=compute_dt, threads=threads, batch_bins=batch_bins,
-                              faults=faults)
+                              samples=uncertainty, faults=faults)
             prog = Progress(len(todo), "imputing", unit="chunks")
             stats = run_pool(spec, todo, n_actors, options, prog)
             summary["actor_failures"] = stats["actor_failures"]

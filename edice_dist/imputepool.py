@@ -15,6 +15,7 @@ import errno
 import os
 import resource
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .context import read_window
 from .errors import EdiceError, InputError, explain
 from .genome import Chunk
 from .progress import Progress, log
+from .runfolder import spread_array
 
 MAX_ATTEMPTS = 3  # failures of one chunk before the run gives up
 # CPU actors are single-threaded by default: two 1-thread actors imputed 1.5-3x faster
@@ -99,6 +101,7 @@ class WorkerSpec:
     dtype: str | None = None
     threads: int | None = None
     batch_bins: int | None = None
+    samples: int = 0  # Monte Carlo dropout samples for the spreads (0: none)
     faults: dict = field(default_factory=dict)  # tests only (edice_dist._faults)
 
 
@@ -162,11 +165,13 @@ class ChunkWorker:
                                self.spec.support_cols, context)
         return self.store.read(chunk.chrom, chunk.start, chunk.stop, columns=self.spec.support_cols)
 
-    def _write_chunk(self, chunk: Chunk, y: np.ndarray) -> None:
+    def _write_chunk(self, chunk: Chunk, y: np.ndarray, spread: np.ndarray | None) -> None:
         if _faults.at_chunk(self.spec.faults, "impute_enospc_chunk", chunk.chrom, chunk.index):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it
         key = self.spec.array_keys[chunk.chrom]
         self.out[key][:, chunk.start:chunk.stop] = y
+        if spread is not None:
+            self.out[spread_array(key)][:, chunk.start:chunk.stop] = spread
         mark_done(self.spec.out_path, key, chunk.index)  # only after the data is written
 
     def _finish_write(self) -> list[tuple[str, int]]:
@@ -211,7 +216,10 @@ class ChunkWorker:
         try:
             y = predict_chunk(self.pred, x, np.arange(S), self.spec.support_cells,
                               self.spec.support_assays, self.spec.target_cells,
-                              self.spec.target_assays, batch_bins=self.spec.batch_bins)
+                              self.spec.target_assays, batch_bins=self.spec.batch_bins,
+                              samples=self.spec.samples,
+                              seed=zlib.crc32(f"{chunk.chrom}:{chunk.index}".encode()))
+            y, spread = y if self.spec.samples else (y, None)
         except Exception as e:
             raise _failed(chunk, "computing with the model", self.spec.model_dir, e) from e
         self.compute_s += time.perf_counter() - t1
@@ -221,7 +229,7 @@ class ChunkWorker:
             with open(log_path, "a") as f:  # one short O_APPEND write per line
                 f.write(f"{chunk.chrom}\t{chunk.index}\n")
         done = self._finish_write()
-        self._write = (chunk, self._writer.submit(self._write_chunk, chunk, y))
+        self._write = (chunk, self._writer.submit(self._write_chunk, chunk, y, spread))
         return done
 
     def where(self) -> tuple[int, str]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import EDICE, decoder_macs, first_layer_macs
+from .model import EDICE, decoder_macs, first_layer_macs, keep_mask
 
 # Decoder rows (bins x targets) per matrix product. Large enough that the products run
 # near the device's matmul peak, small enough that the activations stay in cache-sized
@@ -90,19 +90,25 @@ def _decode(pc, pa, pos_c, pos_a, hidden, w_out, b_out):
 
 
 def _decode_eager(pc, pa, pos_c: list[int], pos_a: list[int], hidden, w_out, b_out,
-                  fused=None):
+                  fused=None, drop: float = 0.0):
     """:func:`_decode` without its gathers: each target's row block is one add of two
     node rows into place (the gather + add + copy passes over the decoder's largest
     tensor cost as much as its products on a CPU; BENCHMARKS.md, Imputation).
     ``fused``: a linear + ReLU in one call (:func:`_fused_linear_relu`), for ``hidden``
-    weights packed for it."""
+    weights packed for it. ``drop``: the training-time dropout after every hidden layer,
+    for Monte Carlo samples (``relu(a) * m == relu(a * m)`` as ``m >= 0``, so a fused ReLU
+    can be masked after the fact)."""
     k, (_, B, H) = len(pos_c), pc.shape
     z = torch.empty((k, B, H), dtype=pc.dtype, device=pc.device)
     for i, (c, a) in enumerate(zip(pos_c, pos_a, strict=True)):
         torch.add(pc[c], pa[a], out=z[i])
     z = z.relu_().view(k * B, H)
-    for w, b in hidden:
-        z = fused(z, w, b) if fused is not None else F.linear(z, w, b).relu_()
+    for layer in [None, *hidden]:
+        if layer is not None:
+            w, b = layer
+            z = fused(z, w, b) if fused is not None else F.linear(z, w, b).relu_()
+        if drop:
+            z = z.mul_(keep_mask(z.shape, drop, z.device, z.dtype))
     return F.linear(z, w_out, b_out).float().view(k, B)
 
 
@@ -172,9 +178,13 @@ class Predictor:
         a = a_ctx.transpose(0, 1).to(self.dtype, memory_format=torch.contiguous_format)
         return F.linear(c, wc), F.linear(a, wa, b)
 
-    def decode(self, pc, pa, pos_c, pos_a):
+    def decode(self, pc, pa, pos_c, pos_a, drop: float = 0.0):
         """Predictions (k, B) float32 of the targets at positions ``pos_c``/``pos_a`` of
-        the queried cells and assays (long tensors)."""
+        the queried cells and assays (long tensors); ``drop`` > 0 draws one Monte Carlo
+        dropout sample instead (always eager)."""
+        if drop:
+            return _decode_eager(pc, pa, pos_c.tolist(), pos_a.tolist(), self.hidden,
+                                 *self.output, fused=self.fused, drop=drop)
         if self.compiled:
             if self._fn is None:
                 self._fn = torch.compile(_decode, dynamic=False)
@@ -270,8 +280,11 @@ def predict_chunk(
     batch_bins: int | None = None,
     device=None,
     dtype=None,
-) -> np.ndarray:
-    """Predict every target at every bin of a chunk.
+    samples: int = 0,
+    seed: int = 0,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Predict every target at every bin of a chunk, and optionally the spread of the
+    prediction.
 
     Parameters
     ----------
@@ -293,11 +306,21 @@ def predict_chunk(
         ``ROWS_CPU`` (CPU) or ``ROWS_CUDA`` (GPU) rows of (bin, target).
     device, dtype :
         See :func:`resolve_device` and :func:`resolve_dtype`.
+    samples : int
+        Monte Carlo dropout samples per bin for the spread (0: none; else at least 2).
+        Each sample runs the decoder with the dropout it was trained with
+        (``decoder_dropout``) on the same attention output, so a spread costs about
+        ``samples`` decoder passes.
+    seed : int
+        Seeds the dropout masks, so that a chunk's spread is the same on every run.
 
     Returns
     -------
     np.ndarray, shape (K, n_bins), float32
-        Predictions in arcsinh space; equal to ``model(x, ...)`` in float32.
+        Predictions in arcsinh space; equal to ``model(x, ...)`` in float32. Without
+        dropout: the spread does not change them.
+    np.ndarray, shape (K, n_bins), float32
+        Only when ``samples`` > 0: the standard deviation of the samples, in arcsinh units.
     """
     pred = prepare(model, device, dtype)
     m, dev, cfg = pred.model, pred.device, pred.model.cfg
@@ -322,6 +345,11 @@ def predict_chunk(
     _check_index("track_assays[support_cols]", track_assays[support_cols], cfg.n_assays, "assay")
     _check_index("target_cells", target_cells, cfg.n_cells, "cell")
     _check_index("target_assays", target_assays, cfg.n_assays, "assay")
+    if samples == 1 or samples < 0:
+        raise ValueError(f"samples must be 0 (no spread) or at least 2, got {samples}")
+    if samples and not cfg.decoder_dropout:
+        raise ValueError("the model has no decoder dropout (decoder_dropout 0): Monte Carlo "
+                         "samples of it would all be equal")
     K = len(target_cells)
     batch_bins, k_block = plan_batches(K, pred.rows, batch_bins)
     if not pred.compiled:  # padding only buys static shapes for the compiler
@@ -345,7 +373,12 @@ def predict_chunk(
     pos_c, pos_a = torch.as_tensor(pos_c, device=dev), torch.as_tensor(pos_a, device=dev)
 
     out = np.empty((K, n_bins), dtype=np.float32)
-    with torch.inference_mode():
+    spread = np.empty((K, n_bins), dtype=np.float32) if samples else None
+    # The masks come from a generator of their own: the caller's random state is kept.
+    with torch.inference_mode(), torch.random.fork_rng(
+            devices=[dev] if dev.type == "cuda" else [], enabled=bool(samples)):
+        if samples:
+            torch.manual_seed(seed)
         for b0 in range(0, n_bins, batch_bins):
             b1 = min(b0 + batch_bins, n_bins)
             xb = xs[b0:b0 + batch_bins].to(dev, non_blocking=True)
@@ -354,9 +387,28 @@ def predict_chunk(
             pc, pa = pred.first_layer(c_ctx, a_ctx)
             for k0 in range(0, K, k_block):
                 k1 = min(k0 + k_block, K)
-                y = pred.decode(pc, pa, pos_c[k0:k0 + k_block], pos_a[k0:k0 + k_block])
+                pk_c, pk_a = pos_c[k0:k0 + k_block], pos_a[k0:k0 + k_block]
+                y = pred.decode(pc, pa, pk_c, pk_a)
                 out[k0:k1, b0:b1] = y[: k1 - k0, : b1 - b0].cpu().numpy()
-    return out
+                if samples:
+                    sd = _mc_spread(pred, pc, pa, pk_c, pk_a, samples, cfg.decoder_dropout)
+                    spread[k0:k1, b0:b1] = sd[: k1 - k0, : b1 - b0].cpu().numpy()
+    return (out, spread) if samples else out
+
+
+def _mc_spread(pred: Predictor, pc, pa, pos_c, pos_a, samples: int, drop: float):
+    """Standard deviation (k, B) float32 of ``samples`` dropout draws of the decoder.
+
+    Sums of the draws and of their squares (float32; the values are arcsinh-scale, O(1-10),
+    so the difference of moments loses nothing that matters at ``samples`` <= 100s)."""
+    s1 = s2 = None
+    for _ in range(samples):
+        y = pred.decode(pc, pa, pos_c, pos_a, drop=drop)
+        s1 = y if s1 is None else s1.add_(y)
+        s2 = y * y if s2 is None else s2.addcmul_(y, y)
+    mean = s1 / samples
+    var = (s2 / samples - mean * mean).clamp_(min=0) * (samples / (samples - 1))
+    return var.sqrt_()
 
 
 def flops_per_bin(model: EDICE, n_targets: int, n_query_cells: int, n_query_assays: int) -> float:

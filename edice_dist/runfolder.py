@@ -9,7 +9,10 @@ RUN_DIR/
                       arcsinh(-log10 p); float16 when computed in bf16 (its rounding is
                       well below bf16's), float32 when computed in float32; written as
                       imputed.zarr.partial, then renamed
-  bigwig/             <cell_key>-<assay>.bigWig per target, manifest.tsv, export.json,
+                      (with --uncertainty, one more array per chromosome, <array>_spread:
+                      the spread of Monte Carlo dropout samples, arcsinh units)
+  bigwig/             <cell_key>-<assay>.bigWig per target (and <...>.spread.bigWig with
+                      --uncertainty), manifest.tsv, export.json,
                       and the UCSC track hub of them: hub.txt, genomes.txt, trackDb.txt
                       (observed/ with hub_observed copy or link; :mod:`edice_dist.hub`)
 ```
@@ -17,7 +20,8 @@ RUN_DIR/
 ``run.json`` keys: ``format``, ``format_version``, ``tool_version``, ``store``,
 ``store_fingerprint`` (:meth:`TrackStore.identity`'s ``sha256``), ``model``,
 ``model_sha256``, ``targets`` (records of :func:`target_records`), ``chroms``,
-``chunk_bins``, ``n_chunks``, ``bins``, ``supports`` (track ids), ``transform``; then
+``chunk_bins``, ``n_chunks``, ``bins``, ``supports`` (track ids), ``transform``,
+``uncertainty`` (Monte Carlo samples; only when > 0); then
 ``created``, ``dtype`` (compute) and ``output_dtype`` when the output store is made, and
 ``completed`` and ``device`` when it is finished. A run resumes only when the keys of
 :data:`COMPAT` are unchanged.
@@ -41,7 +45,8 @@ OUTPUT = "imputed.zarr"
 BIGWIG = "bigwig"
 BIGWIG_MANIFEST = "manifest.tsv"
 EXPORT_JSON = "export.json"
-COMPAT = ("store_fingerprint", "model_sha256", "targets", "chroms", "chunk_bins")
+SPREAD = "spread"
+COMPAT = ("store_fingerprint", "model_sha256", "targets", "chroms", "chunk_bins", "uncertainty")
 """Run settings that must match to resume a run folder (the rest is informational)."""
 
 
@@ -51,6 +56,25 @@ COMPAT = ("store_fingerprint", "model_sha256", "targets", "chroms", "chunk_bins"
 def bigwig_name(track_id_: str) -> str:
     """The bigWig file name of a track (SPEC section 3): ``<cell_key>-<assay>.bigWig``."""
     return f"{track_id_}.bigWig"
+
+
+def spread_name(track_id_: str) -> str:
+    """The bigWig file name of a track's spread: ``<cell_key>-<assay>.spread.bigWig``."""
+    return f"{track_id_}.{SPREAD}.bigWig"
+
+
+def spread_array(key: str) -> str:
+    """The output store's array of the spreads of chromosome array ``key``."""
+    return f"{key}_{SPREAD}"
+
+
+def run_files(info: dict) -> list[str]:
+    """Every bigWig name the export of run ``info`` writes: the targets', then their
+    spreads' when the run has them."""
+    names = [bigwig_name(r["track_id"]) for r in info["targets"]]
+    if info.get("uncertainty"):
+        names += [spread_name(r["track_id"]) for r in info["targets"]]
+    return names
 
 
 def bigwig_dir(run_dir: str) -> str:
@@ -117,7 +141,7 @@ def target_records(targets: list[tuple[str, str]], store) -> list[dict]:
 
 
 def run_info(store, model: str, model_sha256: str, targets: list[dict], chroms: list[str],
-             plan: list, supports: list[str]) -> dict:
+             plan: list, supports: list[str], uncertainty: int = 0) -> dict:
     """The settings part of ``run.json`` (see the module docstring).
 
     Parameters
@@ -125,8 +149,10 @@ def run_info(store, model: str, model_sha256: str, targets: list[dict], chroms: 
     store : the open TrackStore; model : the model folder.
     targets : :func:`target_records`; chroms, plan : the run's chromosomes and chunks.
     supports : track ids of the support tracks.
+    uncertainty : Monte Carlo dropout samples per bin (0: no spreads; then no key, so that
+        run folders made before spreads existed still resume).
     """
-    return {
+    info = {
         "format": RUN_FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
         "store": store.path, "store_fingerprint": store.identity()["sha256"],
         "model": model, "model_sha256": model_sha256,
@@ -134,6 +160,9 @@ def run_info(store, model: str, model_sha256: str, targets: list[dict], chroms: 
         "chunk_bins": store.chunk_bins, "n_chunks": len(plan),
         "bins": sum(c.n_bins for c in plan), "supports": supports, "transform": store.transform,
     }
+    if uncertainty:
+        info["uncertainty"] = int(uncertainty)
+    return info
 
 
 def read(run_dir: str) -> dict | None:
@@ -165,7 +194,7 @@ def differences(old: dict, new: dict) -> list[str]:
             elif k == "store_fingerprint":
                 out.append(f"store ({old.get('store')} -> {new['store']}, contents differ)")
             else:
-                out.append(f"{k} ({old.get(k)} -> {new[k]})")
+                out.append(f"{k} ({old.get(k)} -> {new.get(k)})")
     return out
 
 
@@ -174,7 +203,7 @@ def wipe(run_dir: str, info: dict | None = None) -> None:
     ``bigwig/``, the files that the export of the run ``info`` describes writes."""
     bw = bigwig_dir(run_dir)
     if info is not None and storage.exists(bw):
-        names = {bigwig_name(r["track_id"]) for r in info["targets"]}
+        names = set(run_files(info))
         names |= {BIGWIG_MANIFEST, EXPORT_JSON} | {f".{n}.tmp" for n in names}
         for n in storage.list_dir(bw):
             if n in names:
@@ -221,9 +250,10 @@ def reconcile(run_dir: str, info: dict, force: bool) -> dict | None:
 
 
 def create_output(path: str, store, chroms: list[str], targets: list[dict], chunk_bins: int,
-                  attrs: dict, dtype: str = "float32"):
+                  attrs: dict, dtype: str = "float32", spread: bool = False):
     """Create the output group at ``path`` (a ``.partial`` folder): one ``dtype`` array per
-    chromosome, shape (n_targets, n_bins), filled with NaN until computed.
+    chromosome, shape (n_targets, n_bins), filled with NaN until computed; with ``spread``
+    a second one per chromosome (:func:`spread_array`) for the spreads.
 
     Each shard is (n_targets, chunk_bins), owned by one writer; its inner chunks are
     (1, chunk_bins) so that the reducer reads one target without decoding the others.
@@ -238,9 +268,10 @@ def create_output(path: str, store, chroms: list[str], targets: list[dict], chun
             continue
         nb = int(c["n_bins"])
         cb = min(chunk_bins, max(nb, 1))
-        root.create_array(c["array"], shape=(K, nb), chunks=(1, cb), shards=(K, cb),
-                          dtype=dtype, fill_value=float("nan"), compressors=None,
-                          dimension_names=("target", "bin"), write_data=False)
+        for key in [c["array"], *([spread_array(c["array"])] if spread else [])]:
+            root.create_array(key, shape=(K, nb), chunks=(1, cb), shards=(K, cb),
+                              dtype=dtype, fill_value=float("nan"), compressors=None,
+                              dimension_names=("target", "bin"), write_data=False)
         meta.append({"name": c["name"], "size": int(c["size"]), "n_bins": nb, "array": c["array"]})
     root.attrs.update({"format": OUTPUT_FORMAT, "format_version": FORMAT_VERSION,
                        "tool": "edice-dist", "tool_version": __version__,
@@ -296,7 +327,8 @@ def describe(run_dir: str) -> str:
     recs = info["targets"]
     bw_dir = bigwig_dir(run_dir)
     names = set(storage.list_dir(bw_dir))
-    written = sum(bigwig_name(r["track_id"]) in names for r in recs)
+    files = run_files(info)
+    written = sum(f in names for f in files)
     shown = ", ".join(f"{r['cell_key']}:{r['assay']}" for r in recs[:10])
     lines = [
         f"imputation run {run_dir}",
@@ -308,7 +340,9 @@ def describe(run_dir: str) -> str:
         f"chromosomes    {len(info['chroms'])}: {', '.join(info['chroms'][:10])}"
         f"{', ...' if len(info['chroms']) > 10 else ''} ({info.get('bins', 0):,} bins)",
         f"chunks         {done}/{n} done ({info['chunk_bins']} bins each); {status}",
-        f"bigWigs        {written}/{len(recs)} written in {bw_dir}",
+        f"bigWigs        {written}/{len(files)} written in {bw_dir}"
+        + (f" (with spreads of {info['uncertainty']} Monte Carlo samples)"
+           if info.get("uncertainty") else ""),
     ]
     if "hub.txt" in names:
         lines.append(f"track hub      {storage.join(bw_dir, 'hub.txt')}")

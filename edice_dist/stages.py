@@ -78,6 +78,8 @@ class _ImputeOwn:
     gpus: int | None = option(None, "GPUs to use (default: all Ray has; 0: CPU actors)",
                               minimum=0)
     batch_bins: int | None = option(None, "bins per forward batch", minimum=1)
+    uncertainty: int = option(0, "Monte Carlo dropout samples per bin: writes a spread bigWig "
+                                 "per target beside it (0: none; 8 is a good start)", minimum=0)
     dtype: Literal["bfloat16", "float32"] | None = option(
         None, "compute dtype (default: bfloat16 where the device multiplies it fast)")
     space: Space = option("pval", "bigWig values: -log10 p or arcsinh(-log10 p)")
