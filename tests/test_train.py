@@ -488,3 +488,26 @@ def test_the_model_records_what_was_trained(seeded_runs, tmp_path):
     plan = plan_tracks(st, load_config())
     cells, assays = _trained_vocab(st, plan, st.cell_keys, st.assays, None)
     assert cells == ["C00", "C01", "C02"] and assays == ["A0", "A1"]
+
+
+def test_the_best_epoch_is_kept_not_the_last(small_store, ray_local, tmp_path, monkeypatch):
+    """Validation scripted to be best at epoch 2 of 3: model.pt must hold epoch 2's weights
+    (a driver that kept the last epoch fails here)."""
+    from edice_dist import trainloop
+
+    scripted = iter([0.9, 0.5, 0.7])
+    real = trainloop._val_metrics
+
+    def val_metrics(s):
+        return {**real(s), "val_mse": next(scripted)}
+
+    monkeypatch.setattr(trainloop, "_val_metrics", val_metrics)
+    out = str(tmp_path / "model")
+    cfg = load_config(None, {**TINY, "seed": "5", "bins_per_epoch": "1024", "epochs": "3",
+                             "patience": "5", "workers": "1"})
+    res = train(small_store, out, cfg)
+    assert res["best_epoch"] == 2 and res["epochs_run"] == 3
+    kept = _state(os.path.join(out, "model.pt"))
+    assert kept["meta"]["epoch"] == 2 and kept["meta"]["best_val_mse"] == 0.5
+    assert _same(kept["state_dict"], _epoch_state(out, 2))
+    assert not _same(kept["state_dict"], _epoch_state(out, 3))
