@@ -126,8 +126,13 @@ def run_reference(c: dict, reference: str, python: str) -> dict:
     done = os.path.join(d, "evaluation", "metrics.tsv")
     if os.path.exists(done):  # scored by an earlier run of this script
         return {"tracks": read_metrics(done)}
-    pred = _run("reference", reference_predictions, reference, python, c["store"], targets,
-                settings, os.path.join(d, "work"))
+    saved = os.path.join(d, "work", "reference_predictions.npz")
+    if os.path.exists(saved) and os.path.exists(os.path.join(d, "work", "reference_timings.json")):
+        with np.load(saved) as z:  # trained and predicted by an earlier, interrupted run
+            pred = np.array(z["predictions"], dtype=np.float32)
+    else:
+        pred = _run("reference", reference_predictions, reference, python, c["store"], targets,
+                    settings, os.path.join(d, "work"))
     bw_dir = os.path.join(d, "bigwig")
     os.makedirs(bw_dir, exist_ok=True)
     for (cell, assay), p in zip(targets, pred, strict=True):

@@ -1,6 +1,7 @@
 """Does the spread of ``edice impute --uncertainty`` mean something? Calibration and cost.
 
-    python benchmarks/bench_uncertainty.py CONSORTIUM_DIR [--samples 8] [--out DIR]
+    python benchmarks/bench_uncertainty.py CONSORTIUM_DIR [--samples 8] [--chroms chr3]
+        [--out DIR]
 
 ``CONSORTIUM_DIR`` is one consortium folder of ``benchmarks/bench_accuracy.py`` (``store``,
 ``consortium/truth/targets.tsv`` and the trained ``default/model``). The held-out tracks are
@@ -37,16 +38,16 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _impute(store: str, model: str, truth: str, run: str, samples: int) -> float:
+def _impute(store: str, model: str, truth: str, run: str, samples: int, chroms) -> float:
     from edice_dist.impute import impute
 
     t = time.perf_counter()
-    impute(store, model, run, targets=truth, hub=False, space="arcsinh", uncertainty=samples,
-           export=True)
+    impute(store, model, run, targets=truth, chroms=chroms, hub=False, space="arcsinh",
+           uncertainty=samples, export=True)
     return time.perf_counter() - t
 
 
-def _read(truth: str, bw_dir: str, store: str):
+def _read(truth: str, bw_dir: str, store: str, chroms):
     """Per held-out track: (assay, truth, imputed, spread) as flat arcsinh arrays."""
     from edice_dist import spaces
     from edice_dist.runfolder import bigwig_name, spread_name
@@ -54,7 +55,7 @@ def _read(truth: str, bw_dir: str, store: str):
     from edice_dist.store import open_store
     from edice_dist.truth import read_truth
 
-    genome = open_store(store).genome
+    genome = open_store(store).genome.subset(chroms)
     out = []
     for t in read_truth(truth):
         parts = []
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("consortium", help="a consortium folder of bench_accuracy.py")
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--chroms", nargs="+", help="chromosomes to impute and score (default: all)")
     ap.add_argument("--out", default=None, help="run folders (default: CONSORTIUM/uncertainty)")
     a = ap.parse_args(argv)
     from edice_dist import raycluster
@@ -101,15 +103,16 @@ def main(argv=None) -> int:
     c = a.consortium
     store, model = os.path.join(c, "store"), os.path.join(c, "default", "model")
     truth = os.path.join(c, "consortium", "truth", "targets.tsv")
-    out = a.out or os.path.join(c, "uncertainty")
+    out = a.out or os.path.join(c, "uncertainty" + "".join(f"_{x}" for x in a.chroms or []))
     raycluster.init()
     print(f"# bench_uncertainty: {_dt.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; {c}, {a.samples} Monte Carlo samples", flush=True)
-    plain = _impute(store, model, truth, os.path.join(out, "plain"), 0)
-    mc = _impute(store, model, truth, os.path.join(out, f"mc{a.samples}"), a.samples)
+          f"{os.cpu_count()} CPUs; {c}, {a.samples} Monte Carlo samples, chromosomes "
+          f"{a.chroms or 'all'}", flush=True)
+    plain = _impute(store, model, truth, os.path.join(out, "plain"), 0, a.chroms)
+    mc = _impute(store, model, truth, os.path.join(out, f"mc{a.samples}"), a.samples, a.chroms)
     print(f"impute + export of the held-out tracks: {plain:.1f} s without spreads, {mc:.1f} s "
           f"with {a.samples} samples: {mc / plain:.2f}x")
-    r = calibration(_read(truth, os.path.join(out, f"mc{a.samples}", "bigwig"), store))
+    r = calibration(_read(truth, os.path.join(out, f"mc{a.samples}", "bigwig"), store, a.chroms))
     print(f"\nerror by spread decile over {r['n_bins']:,} bins of {r['n_tracks']} held-out tracks "
           "(arcsinh space)\n")
     print("| spread decile | mean spread | MSE | RMSE |\n|---|---|---|---|")
