@@ -74,13 +74,15 @@ def folds_of(st, workflow: str, donor: str, opts, seed: int = 0) -> list[tuple[s
 
     Leave-one-out: one fold per observed track (``<cell_type>-<assay>``), or ``folds``
     seeded folds (``fold-1`` ...); leave-tissue-out: one per cell type (``tissue-<name>``),
-    hiding every observed track of it. ``cell_types`` and ``assays`` narrow the tracks
-    hidden. Folds are dealt from a permutation seeded by ``seed`` and the donor's name.
+    hiding every observed track of it. ``cell_types`` (those the donor has) and ``assays``
+    narrow the tracks hidden. Folds are dealt from a permutation seeded by ``seed`` and the donor's name.
     """
     cols = [i for i, t in enumerate(st.tracks)
             if t.individual == donor and t.split in SUPPORT_SPLITS]
-    types = sorted({st.tracks[i].cell_type for i in cols})
-    cell_types = _pick("cell-types", opts.cell_types, types, f"a cell type of {donor}")
+    # A donor without one of the chosen cell types simply has no fold for it (donors
+    # rarely share every tissue); plan_units refuses names that no donor has.
+    cell_types = sorted({st.tracks[i].cell_type for i in cols
+                         if not opts.cell_types or st.tracks[i].cell_type in opts.cell_types})
     cols = [i for i in cols if st.tracks[i].cell_type in cell_types]
     if workflow == "leave-tissue-out":
         return [(f"tissue-{ct}", [i for i in cols if st.tracks[i].cell_type == ct])
@@ -106,6 +108,9 @@ def plan_units(st, workflow: str, opts, seed: int = 0) -> tuple[list[Unit], list
         raise InputError(f"Store {st.path} names {len(donors_all)} individual(s); personalised "
                          "imputation needs at least 2 (an `individual` column in the manifest).")
     donors = _pick("donors", opts.donors, donors_all, "an individual")
+    _pick("cell-types", opts.cell_types, sorted({t.cell_type for t in st.tracks
+                                                 if t.individual in donors}),
+          "a cell type of the chosen donors")
     units: list[Unit] = []
     notes: list[str] = []
     ids = st.track_ids()
@@ -113,10 +118,11 @@ def plan_units(st, workflow: str, opts, seed: int = 0) -> tuple[list[Unit], list
         own = [i for i, t in enumerate(st.tracks)
                if t.individual == d and t.split in SUPPORT_SPLITS]
         base = f"{d}/others"
-        want_base = "others" in opts.models or "finetuned" in opts.models
+        folds = folds_of(st, workflow, d, opts, seed)
+        want_base = bool(folds) and ("others" in opts.models or "finetuned" in opts.models)
         if want_base:
             units.append(Unit(base, "others", d, "", ()))
-        for name, hidden in folds_of(st, workflow, d, opts, seed):
+        for name, hidden in folds:
             check_name(name, "fold name", f"donor {d}")
             hid = tuple(ids[i] for i in hidden)
             fold = f"{d}/{name}"

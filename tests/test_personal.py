@@ -173,3 +173,41 @@ def test_person_specific_peaks_and_their_auprc():
     assert m["person_frac"] == pytest.approx(person.mean())
     assert m["auprc"] == pytest.approx(metrics_from_arrays(t, y, p)["auprc"])
     assert "auprc_person" not in metrics_from_arrays(t, y, p)
+
+
+def test_the_plan_and_its_cost():
+    """Units per donor and fold, dependencies first; a donor without a chosen tissue has
+    no fold for it (and no model); a name no donor has is refused."""
+    from types import SimpleNamespace
+
+    from edice_dist.personal import cost_line, plan_units
+    from edice_dist.stages import LeaveOneOutOptions, LeaveTissueOutOptions
+    from edice_dist.tracks import Track
+
+    tracks = [Track(ct, a, individual=i) for i in ("d1", "d2", "d3")
+              for ct in ("liver", "lung") for a in ("A", "B", "C")
+              if not (i == "d3" and ct == "lung")]
+    st = SimpleNamespace(tracks=tracks, path="store",
+                         track_ids=lambda: [t.track_id for t in tracks])
+    models = ["finetuned", "others", "alldonors"]
+    units, notes = plan_units(st, "leave-tissue-out",
+                              LeaveTissueOutOptions(cell_types=["lung"], models=models))
+    assert [u.id for u in units if u.kind == "evaluate"] == \
+        ["d1/tissue-lung/evaluate", "d2/tissue-lung/evaluate"]  # d3 has no lung
+    assert "d3/others" not in {u.id for u in units} and not notes
+    seen: set[str] = set()
+    for u in units:  # every unit after what it needs
+        assert set(u.needs) <= seen
+        seen.add(u.id)
+    assert cost_line(units) == ("6 models to train (2 others, 2 finetuned, 2 alldonors) "
+                                "and 2 folds to evaluate")
+    one = plan_units(st, "leave-one-out", LeaveOneOutOptions(donors=["d3"], models=models))[0]
+    assert cost_line(one) == ("7 models to train (1 others, 3 finetuned, 3 alldonors) and 3 "
+                              "folds to evaluate")
+    folds = plan_units(st, "leave-one-out",
+                       LeaveOneOutOptions(donors=["d1"], folds=2, models=models))[0]
+    hidden = [set(u.hidden) for u in folds if u.kind == "evaluate"]
+    assert len(hidden) == 2 and not hidden[0] & hidden[1] and len(hidden[0] | hidden[1]) == 6
+    with pytest.raises(InputError, match="heart"):
+        plan_units(st, "leave-tissue-out", LeaveTissueOutOptions(cell_types=["heart"],
+                                                                 models=models))
