@@ -30,6 +30,8 @@ Resume
 ``OUT/personal.json`` records the settings and the plan; a re-run with the same ones
 skips every unit whose done marker (``OUT/_done/<unit>``, written after the unit's
 result) exists, and a model unit cut short resumes from its model folder's checkpoints.
+``--models`` may change between runs: adding one trains only it, and re-evaluates the
+folds (an evaluate unit's marker names the models it scored).
 The first failing unit stops the run (the others are cancelled) and is named.
 
 Outputs in OUT: ``<donor>/others/`` (model), ``<donor>/<fold>/{finetuned,alldonors}/``
@@ -154,7 +156,7 @@ def cost_line(units: list[Unit]) -> str:
 # ----------------------------------------------------------------------------- the folder
 
 
-def _settings(st, workflow: str, opts, cfg, units: list[Unit]) -> dict:
+def _settings(st, workflow: str, opts, cfg, units: list[Unit], truth: str | None) -> dict:
     o = dataclasses.asdict(opts)
     for k in ("workers", "gpus", "plots", "force"):  # how to run, not what is computed
         o.pop(k, None)
@@ -162,12 +164,32 @@ def _settings(st, workflow: str, opts, cfg, units: list[Unit]) -> dict:
     for k in ("workers", "cpus_per_worker", "use_gpu", "max_failures"):
         c.pop(k, None)
     return {"format": FORMAT, "workflow": workflow, "store": st.identity(), "options": o,
-            "train_config": c, "units": [u.id for u in units]}
+            "train_config": c, "truth": truth, "units": [u.id for u in units]}
+
+
+def _identity(settings: dict) -> dict:
+    """What must match for a folder to be resumed: the settings less the store record
+    (its tracks are compared), the plan and the models. A unit's result depends on its
+    own id and these settings, not on which other models run beside it, so adding a model
+    to a finished run trains only that model and re-evaluates the folds."""
+    d = {k: v for k, v in settings.items() if k not in ("store", "units", "tool_version")}
+    d["options"] = {k: v for k, v in d.get("options", {}).items() if k != "models"}
+    return {**d, "tracks": settings.get("store", {}).get("tracks")}
 
 
 def done_units(out: str, units: list[Unit]) -> set[str]:
-    """Ids of the units whose done marker exists."""
-    return {u.id for u in units if storage.exists(marker(out, u))}
+    """Ids of the units whose done marker exists; an evaluate unit's only when it was done
+    with the models the fold has now (its marker lists them)."""
+    done = set()
+    for u in units:
+        path = marker(out, u)
+        if not storage.exists(path):
+            continue
+        if u.kind == "evaluate" and \
+                sorted(json.loads(storage.read_text(path)).get("needs", [])) != sorted(u.needs):
+            continue
+        done.add(u.id)
+    return done
 
 
 def _reconcile(out: str, settings: dict, force: bool) -> None:
@@ -177,9 +199,7 @@ def _reconcile(out: str, settings: dict, force: bool) -> None:
     path = storage.join(out, RECORD)
     if storage.exists(path):
         old = json.loads(storage.read_text(path))
-        same = {k: old.get(k) for k in settings if k != "store"} == \
-            {k: v for k, v in settings.items() if k != "store"}
-        same = same and old.get("store", {}).get("tracks") == settings["store"]["tracks"]
+        same = _identity(old) == _identity(settings)
         if not same and not force:
             raise InputError(
                 f"{out} holds a {old.get('workflow')} run with other settings or data. Use a "
@@ -300,7 +320,7 @@ def run_workflow(workflow: str, store: str, out: str, opts, cfg, truth: str | No
                 f"{cost_line(units)}")
     for n in notes:
         log(f"note: {n}")
-    _reconcile(out, _settings(st, workflow, opts, cfg, units), opts.force)
+    _reconcile(out, _settings(st, workflow, opts, cfg, units, truth), opts.force)
     done = done_units(out, units)
     if done:
         log(f"personal: {len(done)} of {len(units)} units already done in {out}; skipping them")

@@ -133,7 +133,7 @@ def run_unit(spec: Spec, unit: Unit) -> dict:
         result = train_model(spec, unit, st, folder)
     storage.write_text_atomic(marker(spec.out, unit), json.dumps({
         "unit": unit.id, "done": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "result": result}, default=str) + "\n")
+        "needs": list(unit.needs), "result": result}, default=str) + "\n")
     return result
 
 

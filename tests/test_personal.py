@@ -79,26 +79,33 @@ def test_leave_one_out_resumes_and_never_shows_a_model_its_hidden_track(
     out = str(tmp_path / "loo")
     paths = {"store": f"{consortium}/store", "out": out,
              "truth": f"{consortium}/sim/truth/observed.tsv"}
-    opts = {**TINY, "donors": "ind01,ind02", "folds": "2", "models": "finetuned,alldonors"}
+    opts = {**TINY, "donors": "ind01,ind02", "folds": "2", "models": "finetuned"}
     log = tmp_path / "units.log"
+
+    def run(**more):
+        before = log.read_text().split() if log.exists() else []
+        res = stages.run_stage("leave-one-out", paths, {**opts, **more})
+        return res, log.read_text().split()[len(before):]
+
     # Interrupted mid-run: one of ind02's units fails after others have finished.
     monkeypatch.setenv("EDICE_TEST_FAULTS", json.dumps(
         {"personal_fail_unit": "ind02/fold-2/finetuned", "personal_log": str(log)}))
     with pytest.raises(EdiceError, match="ind02/fold-2/finetuned"):
         stages.run_stage("leave-one-out", paths, opts)
-    first = log.read_text().split()
     done = {p.relative_to(tmp_path / "loo" / "_done").as_posix()
             for p in (tmp_path / "loo" / "_done").rglob("*") if p.is_file()}
     assert "ind01/others" in done and "ind02/fold-2/finetuned" not in done
 
     monkeypatch.setenv("EDICE_TEST_FAULTS", json.dumps({"personal_log": str(log)}))
-    res = stages.run_stage("leave-one-out", paths, opts)
-    second = log.read_text().split()[len(first):]
+    res, second = run()
     assert set(res["ran"]) == set(second) and not done & set(second)  # nothing redone
-    assert "ind02/fold-2/finetuned" in second and len(res["units"]) == 14
-    # A third run has nothing to do.
-    monkeypatch.setenv("EDICE_TEST_FAULTS", json.dumps({"personal_log": str(log)}))
-    assert stages.run_stage("leave-one-out", paths, opts)["ran"] == []
+    assert "ind02/fold-2/finetuned" in second and len(res["units"]) == 10
+    # A model added later: only it is trained, and the folds are evaluated again.
+    res, third = run(models="finetuned,alldonors")
+    assert sorted(third) == sorted(f"{d}/fold-{k}/{u}" for d in ("ind01", "ind02")
+                                   for k in (1, 2) for u in ("alldonors", "evaluate"))
+    assert len(res["units"]) == 14
+    assert run(models="finetuned,alldonors")[1] == []  # then nothing is left to do
 
     store_tracks = json.loads(open(f"{consortium}/store/zarr.json").read())["attributes"]["tracks"]
     assert _check_no_leak(out, store_tracks) == 4 * 3
