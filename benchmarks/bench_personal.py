@@ -9,11 +9,12 @@ Simulates the consortium (4 donors, 4 tissues, 6 assays, 1 Mbp), ingests it, run
 ``leave-tissue-out`` (two tissues of every donor that has them) with a small model, and
 prints per workflow the mean over hidden tracks of every method (person-specific AUPRC
 with its chance level, MSE, GWcorr, AUPRC) and on how many tracks the fine-tuned model
-beats each other method. Every step resumes. The folds, tissues and models (the
-fine-tuned model and its base; ``--models finetuned,others,alldonors`` adds the model
-trained on all donors) keep a seed at 24 models on a 2-core machine (leave-one-out
-proper, one track at a time, would train 1 + 2T models per donor of T tracks: ~150 per
-workflow here); ``--plot`` draws the summaries of several runs' JSON into one PNG.
+beats each other method. Every step resumes (``--models`` may grow between runs: only the
+new models are trained). The folds, the tissues and the default models (the fine-tuned
+model and its base, without alldonors) keep a seed at 24 models, ~13 min on a quiet 2-core
+machine (leave-one-out proper, one track at a time, would train 1 + 2T models per donor
+of T tracks: ~150 per workflow here); ``--plot`` draws the summaries of several runs' JSON
+into one PNG.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--models", default="finetuned,others",
-                   help="the models of each fold (alldonors too: 8 more models per workflow)")
+                   help="the models of each fold (adding alldonors: 8 more models per "
+                        "workflow, and only those are trained on a finished run)")
     p.add_argument("--tissues", default="blood_01,muscle_01",
                    help="the cell types leave-tissue-out hides (all: every one)")
     p.add_argument("--plot", nargs="+", metavar="JSON",
