@@ -333,7 +333,9 @@ def run_workflow(workflow: str, store: str, out: str, opts, cfg, truth: str | No
     stage(2, 3, f"train and evaluate {len(units) - len(done)} unit(s), {workers} at a time")
     import ray
 
-    task = ray.remote(max_retries=0)(personunit.run_unit_safe)
+    # A unit's own errors come back as values; a worker that dies (killed for memory on a
+    # loaded node) is retried once: a model unit resumes from its checkpoints.
+    task = ray.remote(max_retries=1)(personunit.run_unit_safe)
 
     def submit(u: Unit):
         kw = eval_opts if u.kind == "evaluate" else model_opts
