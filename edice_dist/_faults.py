@@ -23,6 +23,11 @@ impute_stop_after : int
     The imputation driver stops with an error after this many chunks are written.
 impute_log : path
     Imputation actors append ``chrom<TAB>index`` of every chunk they compute.
+personal_fail_unit : str
+    The ``edice personal`` unit of that id (``ind01/fold-2/finetuned``) fails with an
+    error before doing anything (the run stops there, as after a crash).
+personal_log : path
+    ``edice personal`` units append their id when they start computing.
 
 An abrupt exit leaves the marker file :data:`MARKER` in the model or run folder (or the
 unfinished store), so that
@@ -39,7 +44,8 @@ from . import storage
 ENV = "EDICE_TEST_FAULTS"
 MARKER = "_fail_once"
 KNOWN = ("ingest_fail_chunk", "ingest_exit_chunk", "train_exit_epoch", "impute_exit_chunk",
-         "impute_enospc_chunk", "impute_stop_after", "impute_log")
+         "impute_enospc_chunk", "impute_stop_after", "impute_log", "personal_fail_unit",
+         "personal_log")
 
 
 def active() -> dict:

@@ -69,7 +69,8 @@ def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field, typ, help_: st
 def _add_stage(sub, st: stages.Stage) -> None:
     # No abbreviated flags: --gpu must not pass for --gpus here while a job config's
     # `gpu:` is refused.
-    s = sub.add_parser(st.name, help=st.help, epilog=st.epilog or None, allow_abbrev=False)
+    s = sub.add_parser(st.name, help=st.help, epilog=st.epilog or None, allow_abbrev=False,
+                       prog=f"edice {st.command}")
     for a in st.paths:
         if a.flag.startswith("--"):
             s.add_argument(a.flag, dest=a.name, required=a.required, default=None, help=a.help)
@@ -119,6 +120,9 @@ def cmd_serve(a, extra):
     serve(a.path, host=a.host, port=a.port)
 
 
+_GROUPS = {"personal": "personalised imputation of individuals (ENTEx-like): leave-one-out, "
+                       "leave-tissue-out"}
+
 _STAGE_OPTIONS = ("Stage options: --sim.KEY=VALUE, --ingest.KEY=VALUE, --train.KEY=VALUE, "
                   "--impute.KEY=VALUE, --evaluate.KEY=VALUE (the options of `edice <stage>`).")
 
@@ -133,8 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the full trace of an error (it is also written to a log file "
                         "named in the message; EDICE_LOG_DIR sets its folder)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups = {}
     for st in stages.STAGES.values():
-        _add_stage(sub, st)
+        if st.group and st.group not in groups:
+            g = sub.add_parser(st.group, help=_GROUPS[st.group])
+            groups[st.group] = g.add_subparsers(dest="workflow", required=True,
+                                                metavar="WORKFLOW")
+        _add_stage(groups[st.group] if st.group else sub, st)
 
     s = sub.add_parser("benchmark-quality",
                        help="simulate, train, impute held-out tracks and evaluate them",
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args, extra)
     except (Exception, KeyboardInterrupt) as e:  # one paragraph, whatever failed
-        return report(e, f"edice {args.command}", debug=args.debug)
+        st = getattr(args, "stage", None)
+        return report(e, f"edice {st.command if st else args.command}", debug=args.debug)
     return 0
 
 

@@ -19,7 +19,9 @@ the same size. Top sets break ties in this genome order.
 
 Peaks: the track's BED when the ``peaks`` column names one (a bin is a peak bin when it
 overlaps a peak by >= 1 bp); otherwise bins whose truth -log10 p is >= 2
-(:data:`edice_dist.metrics.PEAK_PVAL`). Annotation: ``promoters.bed``, ``gene_bodies.bed``
+(:data:`edice_dist.metrics.PEAK_PVAL`). A ``person_peaks`` BED (a simulation with
+individuals writes one per held-out track) adds ``auprc_person`` and its chance level
+``person_frac``. Annotation: ``promoters.bed``, ``gene_bodies.bed``
 and ``enhancers.bed`` of ``annotation`` (default: ``annotation/`` beside the truth folder)
 add ``mse_promoter``, ``mse_genebody`` and ``mse_enhancer``.
 
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import operator
 import time
 from dataclasses import dataclass, field, replace
@@ -44,11 +45,15 @@ import numpy as np
 from . import __version__, owned, spaces, storage
 from .errors import EdiceError, InputError
 from .genome import Genome, bed_bin_mask, read_bed
-from .metrics import METRICS, PEAK_PVAL, REGIONS, call_peaks, lower_is_better, track_metrics
+from .metrics import (
+    PEAK_PVAL,
+    call_peaks,
+    track_metrics,
+)
 from .progress import Progress, log
+from .tables import METHODS, format_table, json_number, metric_columns, summarise, write_tables
 from .truth import TruthTrack, check_header, imputed_paths, read_truth, resolve_genome
 
-METHODS = ("model", "AVG", "TrackAVG")
 ANNOTATION_FILES = {"promoter": "promoters.bed", "genebody": "gene_bodies.bed",
                     "enhancer": "enhancers.bed"}
 READ_BINS = 1 << 17
@@ -95,12 +100,15 @@ def _bed(path: str, genome: Genome, what: str) -> dict[str, np.ndarray]:
 
 
 def job_chunks(job: Job):
-    """Yield ``(truth, prediction, peaks, regions)`` chunk by chunk in genome order."""
+    """Yield ``(truth, prediction, peaks, regions, person-specific peaks)`` chunk by chunk
+    in genome order (regions and person-specific peaks None when the job has none)."""
     from .sources import open_source
     from .store import open_store
 
     label = job.track.track_id
     peaks = _bed(job.track.peaks, job.genome, f"peak ({label})") if job.track.peaks else None
+    person = (_bed(job.track.person_peaks, job.genome, f"person-specific peak ({label})")
+              if job.track.person_peaks else None)
     regions = {name: _bed(p, job.genome, "annotation") for name, p in job.annotation}
     store = open_store(job.store) if job.method != "model" else None
     read_bins = job.read_bins
@@ -124,7 +132,9 @@ def job_chunks(job: Job):
                     p = call_peaks(pval)
                 r = {name: bed_bin_mask(iv.get(ch.chrom), ch.start, ch.stop, job.genome.bin_size)
                      for name, iv in regions.items()}
-                yield t, y, p, (r or None)
+                q = (None if person is None else
+                     bed_bin_mask(person.get(ch.chrom), ch.start, ch.stop, job.genome.bin_size))
+                yield t, y, p, (r or None), q
         finally:
             if pred_src is not None:
                 pred_src.close()
@@ -133,11 +143,11 @@ def job_chunks(job: Job):
 def run_job(job: Job) -> dict:
     """The metrics of one job (see :func:`edice_dist.metrics.track_metrics`)."""
     # Every tee copy must be consumed, in lockstep, or tee would keep the whole genome.
-    k = 4 if job.annotation else 3
-    its = [map(operator.itemgetter(i), it)
-           for i, it in enumerate(itertools.tee(job_chunks(job), k))]
+    used = [0, 1, 2] + [i for i, on in ((3, job.annotation), (4, job.track.person_peaks)) if on]
+    tees = itertools.tee(job_chunks(job), len(used))
+    its = {i: map(operator.itemgetter(i), it) for i, it in zip(used, tees, strict=True)}
     try:
-        return track_metrics(*its, *([None] if k == 3 else []), tmpdir=job.tmpdir)
+        return track_metrics(its[0], its[1], its[2], its.get(3), its.get(4), tmpdir=job.tmpdir)
     except ValueError as e:
         raise InputError(f"Evaluating {job.method} for {job.track.track_id}: {e}.") from None
 
@@ -166,6 +176,8 @@ def _fingerprint(job: Job, store_id: str) -> dict:
     files = [_stat(job.track.path)]
     if job.track.peaks:
         files.append(_stat(job.track.peaks))
+    if job.track.person_peaks:
+        files.append(_stat(job.track.person_peaks))
     if job.pred_path:
         files.append(_stat(job.pred_path))
     files += [_stat(p) for _, p in job.annotation]
@@ -194,14 +206,8 @@ def _cached(out: str, job: Job) -> dict | None:
 
 
 def _save_cache(out: str, job: Job, metrics: dict) -> None:
-    d = {"fingerprint": job.fingerprint, "metrics": {k: _json_num(v) for k, v in metrics.items()}}
+    d = {"fingerprint": job.fingerprint, "metrics": {k: json_number(v) for k, v in metrics.items()}}
     storage.write_text_atomic(_cache_path(out, job), json.dumps(d, indent=1) + "\n")
-
-
-def _json_num(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 # ---------------------------------------------------------------- planning and running
@@ -334,93 +340,6 @@ def browser_panels(jobs: list[Job], limit: int, width: int) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------- tables
-
-
-def metric_columns(rows: list[dict]) -> list[str]:
-    """:data:`METRICS`, then the region MSEs present in ``rows``."""
-    extra = {k for r in rows for k in r if k.startswith("mse_") and k not in METRICS}
-    known = [f"mse_{r}" for r in REGIONS if f"mse_{r}" in extra]
-    return list(METRICS) + known + sorted(extra - set(known))
-
-
-def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
-    """Means per assay (and ``all``) and method, skipping NaN (``n`` = tracks used), and
-    for each baseline the share of tracks on which the model is strictly better.
-
-    Returns
-    -------
-    list of dict
-        Keys ``assay method metric n mean model_beats n_paired``; ``model_beats`` and
-        ``n_paired`` are None on model rows.
-    """
-    key = operator.itemgetter("cell_key", "assay")
-    model = {key(r): r for r in rows if r["method"] == "model"}
-    out = []
-    for assay in sorted({r["assay"] for r in rows}) + ["all"]:
-        for method in METHODS:
-            sel = [r for r in rows if r["method"] == method and assay in (r["assay"], "all")]
-            if not sel:
-                continue
-            for m in metrics:
-                vals = np.array([r.get(m, np.nan) for r in sel], dtype=np.float64)
-                ok = np.isfinite(vals)
-                row = {"assay": assay, "method": method, "metric": m, "n": int(ok.sum()),
-                       "mean": float(vals[ok].mean()) if ok.any() else float("nan"),
-                       "model_beats": None, "n_paired": None}
-                if method != "model":
-                    pairs = [(model[key(r)].get(m, np.nan), r.get(m, np.nan)) for r in sel
-                             if key(r) in model]
-                    pairs = [(a, b) for a, b in pairs if np.isfinite(a) and np.isfinite(b)]
-                    wins = sum((a < b) if lower_is_better(m) else (a > b) for a, b in pairs)
-                    row["n_paired"] = len(pairs)
-                    row["model_beats"] = wins / len(pairs) if pairs else float("nan")
-                out.append(row)
-    return out
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
-
-
-def _tsv(columns: list[str], rows: list[dict]) -> str:
-    lines = ["\t".join(columns)]
-    lines += ["\t".join(_fmt(r.get(c)) for c in columns) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def format_table(summary: list[dict], metrics: list[str]) -> str:
-    """The stdout table: per assay, the mean of each metric per method, and the share of
-    tracks on which the model beats each baseline."""
-    idx = {(s["assay"], s["method"], s["metric"]): s for s in summary}
-    short = {m: m.replace("mse_", "m_")[:9] for m in metrics}
-    lines = [f"{'assay':<12} {'method':<14} {'n':>4} " + " ".join(f"{short[m]:>9}" for m in metrics)]
-    for assay in dict.fromkeys(s["assay"] for s in summary):
-        for method in METHODS:
-            cells = [idx.get((assay, method, m)) for m in metrics]
-            if cells[0] is None:
-                continue
-            n = max(c["n"] for c in cells if c)
-            lines.append(f"{assay:<12} {method:<14} {n:>4} "
-                         + " ".join(f"{c['mean']:>9.4f}" if c else " " * 9 for c in cells))
-        for method in METHODS[1:]:
-            cells = [idx.get((assay, method, m)) for m in metrics]
-            if cells[0] is None:
-                continue
-            lines.append(f"{assay:<12} {'beats ' + method:<14} {cells[0]['n_paired']:>4} "
-                         + " ".join(f"{100 * c['model_beats']:>8.0f}%"
-                                    if c and np.isfinite(c["model_beats"]) else f"{'-':>9}"
-                                    for c in cells))
-        lines.append("")
-    lines.append("mean over tracks (NaN skipped; n = tracks); 'beats X' = % of tracks on which "
-                 "the model is better than X (lower mse*, higher otherwise)")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -530,22 +449,14 @@ def evaluate(
     summary = summarise(rows, metrics)
     has_ind = any(t.individual for t in truth_tracks)
     cols = ["cell_type", "assay", "method"] + metrics + (["individual"] if has_ind else [])
-    files = {"metrics.tsv": storage.join(out, "metrics.tsv"),
-             "summary.tsv": storage.join(out, "summary.tsv"),
-             "metrics.json": storage.join(out, "metrics.json")}
-    storage.write_text_atomic(files["metrics.tsv"], _tsv(cols, rows))
-    storage.write_text_atomic(files["summary.tsv"], _tsv(
-        ["assay", "method", "metric", "n", "mean", "model_beats", "n_paired"], summary))
     doc = {
         "tool": "edice-dist", "tool_version": __version__, "space": space,
         "truth": truth, "imputed": imputed, "store": store or None,
         "genome": genome.to_json(), "metrics": metrics,
         "peaks": f"truth BED when given, else bins with -log10 p >= {PEAK_PVAL}",
         "annotation": ann,
-        "tracks": [{k: _json_num(v) for k, v in r.items()} for r in rows],
-        "summary": [{k: _json_num(v) for k, v in s.items()} for s in summary],
     }
-    storage.write_text_atomic(files["metrics.json"], json.dumps(doc, indent=1) + "\n")
+    files = write_tables(out, cols, rows, summary, doc)
     if plots:
         from . import plots as _plots
 

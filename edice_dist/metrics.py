@@ -17,6 +17,10 @@ caller picks the space, arcsinh(-log10 p) by default):
   highest, of (recall step) x precision, tied scores forming one threshold.
 - ``auroc``: area under the ROC curve of the same, ties counted as half (the trapezoid rule
   of ``sklearn.metrics.roc_auc_score``, equal to the Mann-Whitney U with mid ranks).
+- ``auprc_person`` (only when person-specific peaks are given): average precision, as
+  ``auprc``, of the person-specific peak bins (peaks of an individual's track that the
+  same cell type and assay of the other individuals lack: :mod:`edice_dist.personpeaks`)
+  among all bins; ``person_frac``, their share of the bins, is its chance level.
 - ``match1`` = |top1(t) & top1(y)| / |top1|. ``catch1obs`` = share of top1(t) in top5(y).
   ``catch1imp`` = share of top1(y) in top5(t). ``aucobs1`` = AUROC with labels top1(t) and
   scores y. ``aucimp1`` = AUROC with labels top1(y) and scores t (ChromImpute's measures).
@@ -55,6 +59,11 @@ METRICS = ("mse", "gwcorr", "gwspear", "mse1obs", "mse1imp", "mse_fg", "mse_bg",
            "auroc", "match1", "catch1obs", "catch1imp", "aucobs1", "aucimp1")
 """Metric columns of ``metrics.tsv``, in order."""
 
+PERSON_METRICS = ("auprc_person", "person_frac")
+"""Columns added when person-specific peaks are given: the AUPRC and its chance level."""
+TRUTH_METRICS = frozenset({"person_frac"})
+"""Columns that describe the truth track, not the method: the same for every method."""
+
 REGIONS = ("promoter", "genebody", "enhancer")
 """Annotation regions with a conventional column name ``mse_<region>``."""
 
@@ -62,7 +71,7 @@ PEAK_PVAL = 2.0
 """Peaks called from a truth track without a BED: bins with -log10 p >= 2 (p <= 0.01,
 MACS2's default-like cut-off)."""
 
-_PEAK, _T1, _T5 = np.uint8(1), np.uint8(2), np.uint8(4)
+_PEAK, _T1, _T5, _PERSON = np.uint8(1), np.uint8(2), np.uint8(4), np.uint8(8)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -159,7 +168,7 @@ def _div(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def _chunks(truth_chunks, imp_chunks, peak_chunks, region_chunks):
+def _chunks(truth_chunks, imp_chunks, peak_chunks, region_chunks, person_chunks=None):
     """Aligned, validated float32 / bool chunks; every iterable must have as many chunks."""
     end = object()
     its = {"truth": iter(truth_chunks), "imputation": iter(imp_chunks)}
@@ -167,6 +176,8 @@ def _chunks(truth_chunks, imp_chunks, peak_chunks, region_chunks):
         its["peak"] = iter(peak_chunks)
     if region_chunks is not None:
         its["region"] = iter(region_chunks)
+    if person_chunks is not None:
+        its["person"] = iter(person_chunks)
     for i in itertools.count():
         got = {k: next(it, end) for k, it in its.items()}
         done = [k for k, v in got.items() if v is end]
@@ -181,20 +192,23 @@ def _chunks(truth_chunks, imp_chunks, peak_chunks, region_chunks):
         for name, a in (("truth", t), ("imputation", y)):
             if not np.isfinite(a).all():
                 raise ValueError(f"chunk {i}: the {name} has non-finite values (NaN or inf)")
-        p = got.get("peak")
-        if p is None:
-            p = np.zeros(len(t), dtype=bool)
-        else:
-            p = np.asarray(p, dtype=bool).reshape(-1)
-            if p.shape != t.shape:
-                raise ValueError(f"chunk {i}: peak mask has {len(p)} bins, truth {len(t)}")
+        p, q = (_mask(got.get(k), len(t), i, k) for k in ("peak", "person"))
         r = got.get("region")
         if r is not None:
             r = {k: np.asarray(v, dtype=bool).reshape(-1) for k, v in r.items()}
             for k, v in r.items():
                 if v.shape != t.shape:
                     raise ValueError(f"chunk {i}: region {k!r} has {len(v)} bins, truth {len(t)}")
-        yield t, y, p, r
+        yield t, y, p, r, q
+
+
+def _mask(m, n: int, i: int, what: str) -> np.ndarray:
+    if m is None:
+        return np.zeros(n, dtype=bool)
+    m = np.asarray(m, dtype=bool).reshape(-1)
+    if len(m) != n:
+        raise ValueError(f"chunk {i}: {what} mask has {len(m)} bins, truth {n}")
+    return m
 
 
 def track_metrics(
@@ -202,6 +216,7 @@ def track_metrics(
     imp_chunks: Iterable[np.ndarray],
     peak_chunks: Iterable[np.ndarray] | None = None,
     region_chunks: Iterable[dict[str, np.ndarray]] | None = None,
+    person_chunks: Iterable[np.ndarray] | None = None,
     *,
     run_size: int = 1 << 21,
     merge_size: int | None = None,
@@ -219,6 +234,8 @@ def track_metrics(
         None means no peaks (those metrics are NaN).
     region_chunks : iterable of dict[str, np.ndarray of shape (m_i,)], optional
         Annotation masks; each name ``r`` adds ``mse_<r>`` and ``n_<r>``.
+    person_chunks : iterable of np.ndarray of shape (m_i,), bool, optional
+        Person-specific peak bins: adds ``auprc_person``, ``person_frac`` and ``n_person``.
     run_size, merge_size : int
         Keys per in-memory run / per merge step of the external sorts. Memory depends
         on them, not on the genome length: ~450 MiB peak RSS at the defaults, measured
@@ -231,12 +248,13 @@ def track_metrics(
     dict
         The metrics of :data:`METRICS` (floats, NaN where undefined; see the module
         docstring), ``mse_<region>`` for each region, and the counts ``n_bins``,
-        ``n_peaks``, ``n_top1``, ``n_top5`` and ``n_<region>``.
+        ``n_peaks``, ``n_top1``, ``n_top5`` and ``n_<region>``; with ``person_chunks``,
+        ``auprc_person``, ``person_frac`` and ``n_person`` too.
     """
     tkw = dict(run_size=run_size, merge_size=merge_size, tmpdir=tmpdir)
     with ExternalSorter({"imp": np.float32, "flags": np.uint8}, **tkw) as by_truth:
         out, mom, tmin, tmax, ymin, ymax = _genome_pass(
-            truth_chunks, imp_chunks, peak_chunks, region_chunks, by_truth)
+            truth_chunks, imp_chunks, peak_chunks, region_chunks, person_chunks, by_truth)
         n = mom.n
         if n == 0:
             raise ValueError("the tracks have no bins")
@@ -262,21 +280,27 @@ def track_metrics(
     out["aucobs1"] = res["top1"].auroc()
     # Mann-Whitney: AUROC = (rank sum of positives - P(P+1)/2) / (P N), ascending mid ranks.
     out["aucimp1"] = _div(res["rank2_imp_top1"] / 2.0 - k1 * (k1 + 1) / 2.0, k1 * (n - k1))
+    if person_chunks is not None:
+        out["auprc_person"] = res["person"].auprc()
+        out["person_frac"] = out["n_person"] / n
+    else:
+        out.pop("n_person")
     ordered = {m: float(out[m]) for m in METRICS}
     extra = {k: v for k, v in out.items() if k not in ordered}
     return {**ordered, **extra}
 
 
-def _genome_pass(truth_chunks, imp_chunks, peak_chunks, region_chunks, sorter):
+def _genome_pass(truth_chunks, imp_chunks, peak_chunks, region_chunks, person_chunks, sorter):
     mom = _Moments()
     s_all = s_fg = s_bg = 0.0
-    n_fg = 0
+    n_fg = n_person = 0
     regions: dict[str, list] = {}
     region_names = None
     tmin = ymin = np.inf
     tmax = ymax = -np.inf
     pos = 0
-    for t, y, p, r in _chunks(truth_chunks, imp_chunks, peak_chunks, region_chunks):
+    for t, y, p, r, q in _chunks(truth_chunks, imp_chunks, peak_chunks, region_chunks,
+                                 person_chunks):
         if len(t) == 0:
             continue
         t64, y64 = t.astype(np.float64), y.astype(np.float64)
@@ -285,6 +309,7 @@ def _genome_pass(truth_chunks, imp_chunks, peak_chunks, region_chunks, sorter):
         s_fg += float(d2[p].sum())
         s_bg += float(d2[~p].sum())
         n_fg += int(p.sum())
+        n_person += int(q.sum())
         if r is not None:
             if region_names is None:
                 region_names = sorted(r)
@@ -299,7 +324,8 @@ def _genome_pass(truth_chunks, imp_chunks, peak_chunks, region_chunks, sorter):
         ymin, ymax = min(ymin, float(y.min())), max(ymax, float(y.max()))
         if pos + len(t) > MAX_INDEX:
             raise ValueError("more than 2**32 bins: the sort keys cannot index them")
-        sorter.add(combined_keys(t, pos), imp=y, flags=p.astype(np.uint8) * _PEAK)
+        sorter.add(combined_keys(t, pos), imp=y,
+                   flags=p.astype(np.uint8) * _PEAK | q.astype(np.uint8) * _PERSON)
         pos += len(t)
     n = mom.n
     out = {
@@ -308,6 +334,7 @@ def _genome_pass(truth_chunks, imp_chunks, peak_chunks, region_chunks, sorter):
         "mse_bg": _div(s_bg, n - n_fg),
         "n_bins": n,
         "n_peaks": n_fg,
+        "n_person": n_person,
     }
     for k, (s, c) in regions.items():
         out[f"mse_{k}"] = _div(s, c)
@@ -373,14 +400,14 @@ def _imp_order_pass(by_imp, straddle, n, k1, k5):
     """Stream the imputation's descending order: its top sets against the truth's, the
     AUCs over tie groups, and Spearman's rank cross-product."""
     pos = 0
-    peaks, top1 = _Curve(), _Curve()
+    peaks, top1, person = _Curve(), _Curve(), _Curve()
     cross = ss_i = mse1imp = 0.0
     match = catch_obs = catch_imp = rank2_imp_top1 = 0
     carry_vk = None
-    carry = np.zeros(4, dtype=np.int64)  # start, sum of 2(rT - m), peaks, truth-top1
+    carry = np.zeros(5, dtype=np.int64)  # start, sum of 2(rT - m), peaks, truth-top1, person
     s_starts, s_ends = straddle[:, 0], straddle[:, 1]
 
-    def close(a, b, c2, tp, t1):
+    def close(a, b, c2, tp, t1, tq):
         nonlocal cross, ss_i
         size = b - a
         ci2 = a + 1 + b - (n + 1)  # 2 (rI - m)
@@ -388,6 +415,7 @@ def _imp_order_pass(by_imp, straddle, n, k1, k5):
         ss_i += float(np.sum(size * (ci2 / 2.0) ** 2))
         peaks.add(tp, size - tp)
         top1.add(t1, size - t1)
+        person.add(tq, size - tq)
 
     for keys, cols in by_imp.sorted_blocks():
         L = len(keys)
@@ -404,6 +432,7 @@ def _imp_order_pass(by_imp, straddle, n, k1, k5):
             rt2[open_] = a + 1 + s_ends[j]
         is_peak = (flags & _PEAK) != 0
         is_t1 = (flags & _T1) != 0
+        is_person = (flags & _PERSON) != 0
         n1, n5 = min(max(k1 - pos, 0), L), min(max(k5 - pos, 0), L)
         if n1:
             match += int(is_t1[:n1].sum())
@@ -417,24 +446,27 @@ def _imp_order_pass(by_imp, straddle, n, k1, k5):
         c2 = np.add.reduceat(rt2 - (n + 1), starts)
         tp = np.add.reduceat(is_peak.astype(np.int64), starts)
         t1 = np.add.reduceat(is_t1.astype(np.int64), starts)
+        tq = np.add.reduceat(is_person.astype(np.int64), starts)
         gstart = pos + starts
         if cont:
             gstart[0] = carry[0]
             c2[0] += carry[1]
             tp[0] += carry[2]
             t1[0] += carry[3]
+            tq[0] += carry[4]
         elif carry_vk is not None:  # the open group ended with the previous block
-            close(carry[:1], np.array([pos]), carry[1:2], carry[2:3], carry[3:4])
+            close(carry[:1], np.array([pos]), *carry[1:, None])
         gend = pos + np.append(starts[1:], L)
-        close(gstart[:-1], gend[:-1], c2[:-1], tp[:-1], t1[:-1])
-        carry = np.array([gstart[-1], c2[-1], tp[-1], t1[-1]], dtype=np.int64)
+        close(gstart[:-1], gend[:-1], c2[:-1], tp[:-1], t1[:-1], tq[:-1])
+        carry = np.array([gstart[-1], c2[-1], tp[-1], t1[-1], tq[-1]], dtype=np.int64)
         carry_vk = vk[-1]
         pos += L
     if pos != n:
         raise RuntimeError(f"the imputation sort returned {pos} of {n} bins")
-    close(carry[:1], np.array([n]), carry[1:2], carry[2:3], carry[3:4])
+    close(carry[:1], np.array([n]), *carry[1:, None])
     return dict(cross=cross, ss_i=ss_i, mse1imp=mse1imp, match=match, catch_obs=catch_obs,
-                catch_imp=catch_imp, rank2_imp_top1=rank2_imp_top1, peaks=peaks, top1=top1)
+                catch_imp=catch_imp, rank2_imp_top1=rank2_imp_top1, peaks=peaks, top1=top1,
+                person=person)
 
 
 def metrics_from_arrays(
@@ -443,6 +475,7 @@ def metrics_from_arrays(
     peaks: np.ndarray | None = None,
     regions: dict[str, np.ndarray] | None = None,
     chunk_size: int | None = None,
+    person: np.ndarray | None = None,
     **kwargs,
 ) -> dict:
     """:func:`track_metrics` of in-memory arrays (genome order), cut into chunks of
@@ -453,6 +486,8 @@ def metrics_from_arrays(
     truth, imp : np.ndarray, shape (n,)
     peaks : np.ndarray, shape (n,), bool, optional
     regions : dict[str, np.ndarray of shape (n,)], optional
+    person : np.ndarray, shape (n,), bool, optional
+        Person-specific peak bins (``auprc_person``).
     **kwargs
         Passed to :func:`track_metrics` (``run_size``, ``merge_size``, ``tmpdir``).
     """
@@ -469,5 +504,6 @@ def metrics_from_arrays(
         None if peaks is None else (np.asarray(peaks)[c] for c in cuts),
         None if regions is None else ({k: np.asarray(v)[c] for k, v in regions.items()}
                                       for c in cuts),
+        None if person is None else (np.asarray(person)[c] for c in cuts),
         **kwargs,
     )

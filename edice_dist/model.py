@@ -293,7 +293,8 @@ class EDICE(nn.Module):
         return self.decode_hidden(z)
 
 
-def extend_vocab(model: EDICE, n_cells: int, n_assays: int) -> EDICE:
+def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
+                 like: list[list[int]] | None = None) -> EDICE:
     """A copy of ``model`` whose vocabulary grows to ``n_cells`` x ``n_assays`` (new
     entries appended after the old ones), for transfer learning (SPEC 2.7).
 
@@ -301,6 +302,12 @@ def extend_vocab(model: EDICE, n_cells: int, n_assays: int) -> EDICE:
     new cells (assay side), so on inputs restricted to the old vocabulary every old node
     embeds exactly as before. New global embedding rows start at the mean of the old
     rows: a new cell type starts as "an average cell type" rather than at noise.
+
+    Parameters
+    ----------
+    like : optional, one list per new cell row: the old rows whose mean it starts from
+        instead (a new individual's liver from the other individuals' livers); an empty
+        list means all old rows.
 
     Returns
     -------
@@ -328,6 +335,10 @@ def extend_vocab(model: EDICE, n_cells: int, n_assays: int) -> EDICE:
             elif name in ("cell_embed.table.weight", "assay_embed.table.weight"):
                 target[: value.shape[0]] = value
                 target[value.shape[0]:] = value.mean(dim=0)
+                rows = like if name == "cell_embed.table.weight" else None
+                for i, old in enumerate(rows or []):
+                    if old:
+                        target[value.shape[0] + i] = value[list(old)].mean(dim=0)
             else:  # pragma: no cover - every other parameter is vocabulary-free
                 raise RuntimeError(f"unexpected shape change of {name}")
     new.load_state_dict(state)

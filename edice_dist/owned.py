@@ -26,6 +26,7 @@ KINDS = {
     "run": ("imputation run folder", "edice impute"),
     "simulation": ("simulation folder", "edice simulate"),
     "evaluation": ("evaluation folder", "edice evaluate"),
+    "personal": ("personalised-imputation folder", "edice personal"),
 }
 """Kind -> (what it is called, the command that writes it)."""
 RECORDS = (
@@ -35,6 +36,7 @@ RECORDS = (
     ("model", "train.json", None),  # a model folder whose training has not finished
     ("run", "run.json", "edice-imputation-run"),  # runfolder.RUN_FORMAT
     ("simulation", "simulation.json", "edice-simulation"),  # simulate.SIM_FORMAT
+    ("personal", "personal.json", "edice-personal"),  # personal.FORMAT
     ("evaluation", "metrics.json", "edice-dist"),  # its "tool"
 )
 """(kind, record file, the ``format`` or ``tool`` in it; None: any): how an output is

@@ -21,7 +21,10 @@ from matplotlib.figure import Figure
 from . import storage
 from .metrics import lower_is_better
 
-COLORS = {"truth": "#222222", "model": "#1f77b4", "AVG": "#ff7f0e", "TrackAVG": "#2ca02c"}
+COLORS = {"truth": "#222222", "model": "#1f77b4", "finetuned": "#1f77b4", "others": "#9467bd",
+          "alldonors": "#8c564b", "AVG": "#ff7f0e", "TrackAVG": "#2ca02c"}
+"""Per method (the model of ``edice evaluate``; the models of ``edice personal``; the
+baselines)."""
 BROWSER_BINS = 2000
 """Width of the browser window (50 kb at 25 bp)."""
 MAX_BROWSERS = 6
@@ -75,11 +78,13 @@ def assay_bars(summary: list[dict], metrics: list[str], path: str) -> str:
     return _save(fig, path)
 
 
-def model_vs_baseline(rows: list[dict], metrics: list[str], baseline: str, path: str) -> str:
-    """Per-track scatter of the model against ``baseline``, one panel per metric."""
+def model_vs_baseline(rows: list[dict], metrics: list[str], baseline: str, path: str,
+                      model: str = "model") -> str:
+    """Per-track scatter of the ``model`` method against ``baseline``, one panel per
+    metric."""
     base = {(r["cell_key"], r["assay"]): r for r in rows if r["method"] == baseline}
     pairs = [(r, base[(r["cell_key"], r["assay"])]) for r in rows
-             if r["method"] == "model" and (r["cell_key"], r["assay"]) in base]
+             if r["method"] == model and (r["cell_key"], r["assay"]) in base]
     assays = sorted({r["assay"] for r, _ in pairs})
     palette = {a: f"C{i % 10}" for i, a in enumerate(assays)}
     nrows, cols = _grid(len(metrics))
@@ -99,11 +104,47 @@ def model_vs_baseline(rows: list[dict], metrics: list[str], baseline: str, path:
             ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--")
         ax.set_title(m, fontsize=9)
         ax.set_xlabel(baseline, fontsize=8)
-        ax.set_ylabel("model", fontsize=8)
+        ax.set_ylabel(model, fontsize=8)
         ax.tick_params(labelsize=7)
         if k == 0 and assays:
             ax.legend(fontsize=6)
-    fig.suptitle(f"Per track: model vs {baseline}")
+    fig.suptitle(f"Per track: {model} vs {baseline}")
+    return _save(fig, path)
+
+
+def method_summary(summaries: dict[str, list[dict]], path: str, methods,
+                   metrics=("auprc_person", "mse", "gwcorr")) -> str:
+    """Bars of each method's mean over all tracks, one row of panels per summary (e.g. per
+    workflow), one panel per metric; the person-specific AUPRC panel draws its chance
+    level (the mean share of person-specific bins) as a dashed line.
+
+    Parameters
+    ----------
+    summaries : label -> the rows of :func:`edice_dist.tables.summarise`.
+    methods : the methods, in the order drawn.
+    """
+    nrows, cols = len(summaries), len(metrics)
+    fig = Figure(figsize=(3.6 * cols, 2.8 * nrows + 0.4))
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.55 / (2.8 * nrows + 0.4),
+                        bottom=0.75 / (2.8 * nrows + 0.4), hspace=0.75, wspace=0.3)
+    for i, (label, summary) in enumerate(summaries.items()):
+        idx = {(s["method"], s["metric"]): s["mean"] for s in summary if s["assay"] == "all"}
+        shown = [m for m in methods if (m, metrics[0]) in idx]
+        for j, metric in enumerate(metrics):
+            ax = fig.add_subplot(nrows, cols, i * cols + j + 1)
+            vals = [idx.get((m, metric), np.nan) for m in shown]
+            ax.bar(range(len(shown)), vals, color=[COLORS.get(m, "0.5") for m in shown])
+            for x, v in enumerate(vals):
+                if np.isfinite(v):
+                    ax.text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+            chance = idx.get((shown[0], "person_frac"), np.nan) if shown else np.nan
+            if metric == "auprc_person" and np.isfinite(chance):
+                ax.axhline(chance, color="0.3", ls="--", lw=1, label=f"chance {chance:.4f}")
+                ax.legend(fontsize=7, loc="upper right")
+            ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
+            ax.set_title(f"{label}: {metric}" + (" (lower is better)"
+                                                 if lower_is_better(metric) else ""), fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
     return _save(fig, path)
 
 

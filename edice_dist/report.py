@@ -23,10 +23,10 @@ import math
 import platform
 
 from . import __version__, runfolder, storage
-from .metrics import lower_is_better
+from .metrics import TRUTH_METRICS, lower_is_better
 
 REPORT = "report.html"
-METHOD_ORDER = ("model", "AVG", "TrackAVG")
+METHOD_ORDER = ("model", "finetuned", "others", "alldonors", "AVG", "TrackAVG")
 SOFTWARE = ("numpy", "zarr", "pyBigWig", "matplotlib", "ray", "torch", "fsspec")
 """Packages whose versions the page lists (read from their metadata, not imported)."""
 
@@ -72,6 +72,8 @@ def _num(v) -> str:
 def best_methods(rows: list[dict], metric: str) -> set[int]:
     """Indices into ``rows`` of the best value of ``metric`` (all of them on a tie);
     none when fewer than two rows have a finite value (nothing to compare)."""
+    if metric in TRUTH_METRICS:  # the same for every method: nothing to compare
+        return set()
     vals = [(i, r.get(metric)) for i, r in enumerate(rows)]
     vals = [(i, float(v)) for i, v in vals if isinstance(v, int | float) and math.isfinite(v)]
     if len(vals) < 2:
@@ -107,9 +109,10 @@ def _row(keys: list[str], rec: dict, metrics: list[str], best: dict[str, bool],
     return f"<tr{attr}>" + "".join(cells) + "</tr>"
 
 
-def summary_table(summary: list[dict], metrics: list[str]) -> str:
+def summary_table(summary: list[dict], metrics: list[str], reference: str = "model") -> str:
     """Per assay (``all`` first), the mean of each metric per method, the best method
-    highlighted; then per baseline the share of tracks the model beats it on."""
+    highlighted; then per other method the share of tracks the model (``reference``)
+    beats it on."""
     idx = {(s["assay"], s["method"], s["metric"]): s for s in summary}
     assays = list(dict.fromkeys(s["assay"] for s in summary))
     assays = (["all"] if "all" in assays else []) + [a for a in assays if a != "all"]
@@ -127,14 +130,14 @@ def summary_table(summary: list[dict], metrics: list[str]) -> str:
             body.append(_row([assay if i == 0 else "", r["method"], r["n"]], r, metrics,
                              {m: i in best[m] for m in metrics}, "group" if i == 0 else ""))
         for meth in methods:
-            if meth == "model":
+            if meth == reference:
                 continue
             cells = {m: idx.get((assay, meth, m)) for m in metrics}
             first = next((c for c in cells.values() if c), None)
             pct = {m: (f"{100 * c['model_beats']:.0f}%" if c and c["model_beats"] is not None
                        and math.isfinite(c["model_beats"]) else "–") for m, c in cells.items()}
-            body.append(_row(["", f"model beats {meth}", first["n_paired"] if first else ""],
-                             pct, metrics, {}, "beats"))
+            body.append(_row(["", f"{reference} beats {meth}",
+                              first["n_paired"] if first else ""], pct, metrics, {}, "beats"))
     return ('<div class="scroll"><table id="summary">' + _head(["assay", "method", "n"], metrics)
             + "<tbody>" + "".join(body) + "</tbody></table></div>")
 
@@ -307,9 +310,9 @@ def _provenance_html(sections) -> str:
 # ----------------------------------------------------------------------------- page
 
 
-def _figure(name: str, path: str) -> str:
+def _figure(name: str, path: str, caption: str | None = None) -> str:
     data = base64.b64encode(storage.read_bytes(path)).decode("ascii")
-    caption = {"metrics_by_assay.png": "Mean of each metric per assay and method."}.get(name)
+    caption = caption or {"metrics_by_assay.png": "Mean of each metric per assay and method."}.get(name)
     if caption is None and name.startswith("scatter_model_vs_"):
         caption = (f"Per track: the model (y) against {name[17:-4]} (x); above the diagonal "
                    "the model scores higher (better, except for mse*).")
@@ -322,7 +325,8 @@ def _figure(name: str, path: str) -> str:
 
 
 def render(rows: list[dict], summary: list[dict], metrics: list[str], plots: dict[str, str],
-           doc: dict, imputed: str) -> str:
+           doc: dict, imputed: str, title: str = "eDICE evaluation", reference: str = "model",
+           sections: list | None = None, captions: dict[str, str] | None = None) -> str:
     """The HTML text of the page.
 
     Parameters
@@ -331,25 +335,31 @@ def render(rows: list[dict], summary: list[dict], metrics: list[str], plots: dic
     plots : PNG file name -> path (embedded in this order).
     doc : the ``metrics.json`` document (its settings; see :func:`provenance`).
     imputed : the folder of imputed bigWigs.
+    title, reference : the page's heading; the method the others are compared with.
+    sections : the provenance sections, when not those of an imputation run
+        (:func:`provenance`).
+    captions : plot file name -> caption, for plots the page does not know.
     """
     n_tracks = len({r["track_id"] for r in rows})
     methods = ", ".join(_ordered(r["method"] for r in rows))
-    figs = "".join(_figure(n, p) for n, p in plots.items() if n.endswith(".png"))
+    figs = "".join(_figure(n, p, (captions or {}).get(n)) for n, p in plots.items()
+                   if n.endswith(".png"))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>eDICE evaluation: {n_tracks} tracks</title>
+<title>{html.escape(title)}: {n_tracks} tracks</title>
 <style>{_CSS}</style></head>
 <body>
-<h1>eDICE evaluation</h1>
+<h1>{html.escape(title)}</h1>
 <p class="lead">{n_tracks} truth tracks; methods: {html.escape(methods)}; metrics on
 {html.escape(str(doc.get("space", "")))} values over the whole genome. Written by edice-dist
 {html.escape(__version__)}.</p>
 <h2>Mean over tracks</h2>
 <p class="legend">Per assay and method; <span class="best">highlighted</span>: the best method
 of the assay for that metric (↓ lower is better, ↑ higher is better); n: tracks.
-"model beats X": share of tracks on which the model is better than X.</p>
-{summary_table(summary, metrics)}
+"{html.escape(reference)} beats X": share of tracks on which {html.escape(reference)} is
+better than X.</p>
+{summary_table(summary, metrics, reference)}
 <h2>Plots</h2>
 {figs or '<p class="note">No plots (evaluated with --no-plots).</p>'}
 <h2>Per track</h2>
@@ -357,14 +367,15 @@ of the assay for that metric (↓ lower is better, ↑ higher is better); n: tra
 that metric.</p>
 {track_table(rows, metrics)}
 <h2>Provenance</h2>
-{_provenance_html(provenance(doc, imputed))}
+{_provenance_html(sections if sections is not None else provenance(doc, imputed))}
 </body></html>
 """
 
 
 def write_report(out: str, rows: list[dict], summary: list[dict], metrics: list[str],
-                 plots: dict[str, str], doc: dict, imputed: str) -> str:
-    """Write ``out/report.html`` (atomically) and return its path; see :func:`render`."""
+                 plots: dict[str, str], doc: dict, imputed: str, **kw) -> str:
+    """Write ``out/report.html`` (atomically) and return its path; see :func:`render`
+    (``kw``: its ``title``, ``reference``, ``sections`` and ``captions``)."""
     path = storage.join(out, REPORT)
-    storage.write_text_atomic(path, render(rows, summary, metrics, plots, doc, imputed))
+    storage.write_text_atomic(path, render(rows, summary, metrics, plots, doc, imputed, **kw))
     return path

@@ -91,8 +91,14 @@ def effective_n_targets(n_targets: int, n_columns: int, max_fraction: float) -> 
 
 
 def draw_targets(rng: np.random.Generator, n_rows: int, n_columns: int,
-                 n_targets: int) -> tuple[np.ndarray, np.ndarray]:
+                 n_targets: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A random subset of ``n_targets`` columns per row, vectorised.
+
+    Parameters
+    ----------
+    allowed : (n_columns,) bool, optional
+        The columns that may be targets (all when None); the others are always supports.
+        The draw is the same as without it where every column is allowed.
 
     Returns
     -------
@@ -102,6 +108,12 @@ def draw_targets(rng: np.random.Generator, n_rows: int, n_columns: int,
     if not 0 < n_targets < n_columns:
         raise ValueError(f"need 0 < n_targets ({n_targets}) < n_columns ({n_columns})")
     noise = rng.random((n_rows, n_columns), dtype=np.float32)
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if int(allowed.sum()) < n_targets:
+            raise ValueError(f"{n_targets} targets per row but only {int(allowed.sum())} "
+                             "columns may be targets")
+        noise[:, ~allowed] = 2.0  # uniform noise is < 1: never among the smallest
     target = np.argpartition(noise, n_targets - 1, axis=1)[:, :n_targets].astype(np.int64)
     support = np.ones((n_rows, n_columns), dtype=bool)
     np.put_along_axis(support, target, False, axis=1)
@@ -171,15 +183,21 @@ class TrainSampler:
         Bins per read; the store's inner chunk when None.
     context : tuple of int
         The model's context half-widths: batches then carry the window means too.
+    targets : (T,) bool, optional
+        Which of ``columns`` may be targets (all when None); the others are supports at
+        every bin (fine-tuning on one individual's tracks with the others as inputs).
     """
 
     def __init__(self, store: TrackStore, columns, n_targets: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, bins_per_epoch: int | None = None,
                  buffer_bins: int = BUFFER_BINS, block_bins: int | None = None,
-                 context: tuple[int, ...] = ()):
+                 context: tuple[int, ...] = (), targets=None):
         self.columns = np.asarray(columns, dtype=np.int64)
         if self.columns.ndim != 1 or len(self.columns) < 2:
             raise ValueError("TrainSampler needs at least 2 training columns")
+        self.targets = None if targets is None else np.asarray(targets, dtype=bool)
+        if self.targets is not None and self.targets.shape != self.columns.shape:
+            raise ValueError("targets must flag each training column")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if batch_size < 1 or buffer_bins < 1:
@@ -236,7 +254,7 @@ class TrainSampler:
                 pool = pool[rng.permutation(len(pool))]
             x = pool[-B:].astype(np.float32)
             pool = pool[:-B]
-            target, support = draw_targets(rng, B, T, self.n_targets)
+            target, support = draw_targets(rng, B, T, self.n_targets, self.targets)
             y = np.take_along_axis(x[..., 0] if self.context else x, target, axis=1)
             yield Batch(torch.from_numpy(x), torch.from_numpy(support),
                         torch.from_numpy(target), torch.from_numpy(y))

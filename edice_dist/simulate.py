@@ -43,7 +43,11 @@ Truth peaks
 -----------
 The peaks of a held-out track are the runs of bins whose *noise-free* enrichment ``f``
 is at least ``peak_fold`` (default 2), adjacent bins merged, in bp clipped to the
-chromosome end.
+chromosome end. With individuals every track's peaks are written (observed ones too), and
+its *person-specific* peaks: those bins of its peaks that are peaks in no other
+individual's track of the same cell type and assay, in runs of at least 150 bp
+(:mod:`edice_dist.personpeaks`); private elements and an individual's flipped elements
+make them.
 
 Outputs in OUT_DIR
 ------------------
@@ -52,9 +56,11 @@ Outputs in OUT_DIR
     chrom.sizes
     manifest.tsv                cell_type assay path split [individual]
     bigwig/<cell_key>-<assay>.bigWig   (or .bedGraph)  observed tracks
-    truth/targets.tsv           cell_type assay path peaks [individual]
+    truth/targets.tsv           cell_type assay path peaks [individual person_peaks]
     truth/<cell_key>-<assay>.bigWig    held-out tracks (fixed 25 bp steps)
-    truth/peaks/<cell_key>-<assay>.bed
+    truth/peaks/<cell_key>-<assay>.bed  (with individuals: of every track, observed too)
+    truth/person_peaks/<cell_key>-<assay>.bed  (with individuals: person-specific peaks)
+    truth/observed.tsv          (with individuals) observed tracks with their peaks
     annotation/promoters.bed, gene_bodies.bed, enhancers.bed
     annotation/private_elements.bed    (with individuals: chrom start end individual kind)
     simulation.json             the resolved config
@@ -96,8 +102,10 @@ SIM_FILES = frozenset({"bigwig", "truth", "annotation", "chrom.sizes", "manifest
                        "simulation.json"})
 """What a simulation folder holds; ``--force`` replaces one only when it holds nothing else."""
 SIM_FORMAT = "edice-simulation"
-SIM_VERSION = 1
-"""Bumped whenever the generator changes what a config produces."""
+SIM_VERSION = 2
+"""Bumped whenever the generator changes what a config produces (2: with individuals,
+private elements are on in all of an individual's cells less often, and every track's peaks
+and person-specific peaks are written; without individuals nothing changed)."""
 
 REGION_BINS = 40_000
 """Elements are drawn per region of 1 Mbp."""
@@ -604,14 +612,15 @@ class _Landscape:
 
     def _private(self, rng, lo, hi, mbp, r, genes, enh):
         """Elements of one individual: 30 % promoters of short genes, 70 % enhancers; on in
-        all of the individual's cells (half of them) or in one tissue group's cells."""
+        all of the individual's cells (30 % of them) or, most, in one tissue group's cells
+        (as a person's variants act in some tissues and not others)."""
         cfg, plan = self.cfg, self.plan
         counts = [_count(rng, cfg.private_rate * mbp) for _ in plan.individuals]
         owner = np.repeat(np.arange(len(plan.individuals)), counts)
         n = len(owner)
         pos = rng.integers(lo, hi, n)
         is_prom = rng.random(n) < 0.3
-        in_all = rng.random(n) < 0.5
+        in_all = rng.random(n) < 0.3
         tissue = rng.integers(0, len(plan.tissues), n)
         on = (self.key_ind[None, :] == owner[:, None]) & (
             in_all[:, None] | (self.key_tissue[None, :] == tissue[:, None]))
@@ -859,7 +868,7 @@ def _write_group(cfg_json: dict, root: str, keys: list[int]) -> int:
                                             cfg.zoom_levels)
             for t in tracks}
     peaks = {t.grid_index: _PeakOut(os.path.join(root, "truth", "peaks", t.track_id + ".bed"))
-             for t in tracks if t.held_out}
+             for t in tracks if t.held_out or plan.individuals}
     shape = 1.0 / cfg.overdispersion if cfg.overdispersion > 0 else 0.0
     written = 0
     try:
@@ -892,7 +901,7 @@ def _write_group(cfg_json: dict, root: str, keys: list[int]) -> int:
                             counts[s:e] = rng.poisson(m)
                         np.minimum(counts, table.kmax, out=counts)
                         outs[t.grid_index].write(chrom, size, b0, table.table[li, counts])
-                        if t.held_out:
+                        if t.grid_index in peaks:
                             peaks[t.grid_index].write(chrom, size, b0, fold >= cfg.peak_fold)
                         written += b1 - b0
     finally:
@@ -1040,7 +1049,10 @@ def simulate(out_dir: str, cfg: SimConfig | None = None) -> dict:
         write_manifest(os.path.join(root, "manifest.tsv"), [
             Track(t.cell_type, t.assay, t.rel_path, "train", t.individual)
             for t in plan.observed])
-        _write_targets(os.path.join(root, "truth", "targets.tsv"), plan)
+        person = _write_person_peaks(plan, genome, root)
+        _write_targets(os.path.join(root, "truth", "targets.tsv"), plan, person)
+        if plan.individuals:
+            _write_observed_truth(os.path.join(root, "truth", "observed.tsv"), plan, person)
         meta = {"format": SIM_FORMAT, "simulator_version": SIM_VERSION, "tool": "edice-dist",
                 "tool_version": __version__, "config": cfg.identity(),
                 "chroms": genome.to_json(), "tissues": plan.tissues,
@@ -1089,14 +1101,64 @@ def _write_tracks(cfg: SimConfig, plan: Plan, root: str) -> None:
             prog.update()
 
 
-def _write_targets(path: str, plan: Plan) -> None:
+def _write_targets(path: str, plan: Plan, person: dict[str, str]) -> None:
     ind = bool(plan.individuals)
-    cols = ["cell_type", "assay", "path", "peaks"] + (["individual"] if ind else [])
+    cols = ["cell_type", "assay", "path", "peaks"] + (["individual", "person_peaks"] if ind else [])
     lines = ["\t".join(cols)]
     for t in plan.held_out:
         row = [t.cell_type, t.assay, f"{t.track_id}.bigWig", f"peaks/{t.track_id}.bed"]
-        lines.append("\t".join(row + ([t.individual] if ind else [])))
+        lines.append("\t".join(row + ([t.individual, person.get(t.track_id, "")] if ind else [])))
     storage.write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _write_observed_truth(path: str, plan: Plan, person: dict[str, str]) -> None:
+    """``truth/observed.tsv``: every observed track of an individual with its peaks and
+    person-specific peaks, the truth of workflows that hide observed tracks
+    (``edice personal``); ``path`` is the observed bigWig."""
+    lines = ["\t".join(["cell_type", "assay", "path", "peaks", "individual", "person_peaks"])]
+    for t in plan.observed:
+        lines.append("\t".join([t.cell_type, t.assay, f"../{t.rel_path}",
+                                f"peaks/{t.track_id}.bed", t.individual,
+                                person.get(t.track_id, "")]))
+    storage.write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _write_person_peaks(plan: Plan, genome: Genome, root: str) -> dict[str, str]:
+    """With individuals, ``truth/person_peaks/<track>.bed`` for every measured track whose
+    cell type and assay another individual has measured too: its peaks that are peaks in
+    none of those (:func:`edice_dist.personpeaks.person_specific`, runs >= 150 bp).
+
+    Returns
+    -------
+    dict
+        track id -> path of its BED relative to ``truth/``.
+    """
+    from .personpeaks import BedMasks, intervals, min_bins, person_specific, write_bed
+
+    if not plan.individuals:
+        return {}
+    os.makedirs(os.path.join(root, "truth", "person_peaks"), exist_ok=True)
+    groups: dict[tuple[str, str], list[SimTrack]] = {}
+    for t in plan.tracks:
+        groups.setdefault((t.cell_type, t.assay), []).append(t)
+    shortest = min_bins(bin_size=BIN_SIZE)
+    out = {}
+    for group in groups.values():
+        if len(group) < 2:  # no other individual to compare with
+            continue
+        beds = [BedMasks(os.path.join(root, "truth", "peaks", t.track_id + ".bed"), genome)
+                for t in group]
+        found: dict[str, dict[str, np.ndarray]] = {t.track_id: {} for t in group}
+        for c in genome.chroms:  # one chromosome of the group's masks at a time
+            masks = [b.mask(c) for b in beds]
+            for i, t in enumerate(group):
+                mask = person_specific(masks[i], masks[:i] + masks[i + 1:], shortest)
+                found[t.track_id][c] = intervals(mask, genome.size[c], BIN_SIZE)
+        for t in group:
+            rel = f"person_peaks/{t.track_id}.bed"
+            write_bed(os.path.join(root, "truth", rel), found[t.track_id], genome)
+            out[t.track_id] = rel
+    return out
 
 
 def _publish_url(local: str, url: str) -> None:

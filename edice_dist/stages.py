@@ -9,10 +9,12 @@ typed (a job config), and :func:`prepare` checks and types them with
 :mod:`edice_dist.config`: so an option is honoured by every caller or refused by every
 caller, with the list of the valid ones.
 
-Two stages are open: ``simulate`` also takes every :class:`~edice_dist.simulate.SimConfig`
-setting, and ``train``/``finetune`` every :class:`~edice_dist.trainconfig.TrainConfig` key
-(the modules that define those are imported only when such a stage is prepared, so that
-``edice --help`` stays fast).
+Some stages are open: ``simulate`` also takes every :class:`~edice_dist.simulate.SimConfig`
+setting, and ``train``/``finetune`` and the personalised-imputation workflows
+(``edice personal leave-one-out`` / ``leave-tissue-out``, whose stages are grouped under
+``personal``) every :class:`~edice_dist.trainconfig.TrainConfig` key (the modules that
+define those are imported only when such a stage is prepared, so that ``edice --help``
+stays fast).
 """
 
 from __future__ import annotations
@@ -115,6 +117,49 @@ class EvaluateOptions:
 
 
 @dataclass(frozen=True)
+class _PersonalOwn:
+    donors: list[str] | None = option(None, "individuals to impute (default: every one)")
+    cell_types: list[str] | None = option(None, "hide only tracks of these cell types "
+                                                 "(tissues)")
+    models: list[str] | None = option(None, "models to train and compare (default: all): "
+                                             "finetuned (the others model fine-tuned on the "
+                                             "donor), others (trained on the other donors "
+                                             "only), alldonors (trained on all but the hidden "
+                                             "tracks)")
+    finetune_lr: float = option(1e-4, "learning rate of the fine-tuning")
+    finetune_epochs: int = option(10, "epochs of the fine-tuning", minimum=1)
+    workers: int | None = option(None, "units at once (default: one per CPU Ray has, or "
+                                       "per GPU)", minimum=1)
+    gpus: int | None = option(None, "GPUs for training (default: all Ray has; 0: CPUs)",
+                              minimum=0)
+    plots: bool = option(True, "write the PNG plots")
+    force: bool = option(False, "start over a folder that holds a run of other settings")
+    config_file: str | None = option(None, "JSON or YAML file of training config keys",
+                                     flag="--config", path=True)
+
+
+@dataclass(frozen=True)
+class LeaveOneOutOptions(_PersonalOwn):
+    assays: list[str] | None = option(None, "hide only tracks of these assays")
+    folds: int | None = option(None, "hide each donor's tracks in this many seeded folds "
+                                     "instead of one at a time (2 models per fold instead "
+                                     "of 2 per track)", minimum=2)
+
+
+@dataclass(frozen=True)
+class LeaveTissueOutOptions(_PersonalOwn):
+    pass
+
+
+@dataclass(frozen=True)
+class PersonalRequest:
+    """A prepared personal workflow: its options and the training config."""
+
+    options: object
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
 class NoOptions:
     pass
 
@@ -171,6 +216,12 @@ class Stage:
     open: str | None = None
     flags: tuple[tuple[str, str], ...] = ()
     epilog: str = ""
+    group: str | None = None  # a command of its own under ``edice <group>``
+
+    @property
+    def command(self) -> str:
+        """The words after ``edice``: ``train``, ``personal leave-one-out``."""
+        return f"{self.group} {self.name}" if self.group else self.name
 
 
 def _simulate(p, cfg):
@@ -225,7 +276,27 @@ def _evaluate(p, o):
                     **dataclasses.asdict(o))
 
 
+def _personal(workflow: str):
+    def run(p, req):
+        from .personal import run_workflow
+
+        return run_workflow(workflow, p["store"], p["out"], req.options, req.config,
+                            truth=p.get("truth"))
+
+    return run
+
+
 _TRAIN_EPILOG = "Config keys may be set with --KEY=VALUE, e.g. --epochs=5 --lr=1e-4."
+_PERSONAL_PATHS = (
+    PathArg("store", "--store", "track store whose manifest names individuals"),
+    PathArg("out", "--out", "folder for the models, metrics, plots and report"),
+    PathArg("truth", "--truth", "table of peak BEDs per observed track (cell_type assay path "
+                                "individual peaks [person_peaks]; a simulation's "
+                                "truth/observed.tsv); default: peaks called from the store",
+            False))
+_PERSONAL_EPILOG = ("Training config keys of the models (--KEY=VALUE, e.g. --epochs=5 "
+                    "--embed_dim=64) are those of `edice train`; fine-tuning takes them too, "
+                    "with --finetune-lr and --finetune-epochs.")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("simulate", "write a synthetic consortium (bigWigs, manifest, truth)",
@@ -263,6 +334,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            PathArg("store", "--store", "track store for the AVG / TrackAVG baselines", False),
            PathArg("out", "--out", "folder for metrics.tsv, JSON and plots", False)),
           EvaluateOptions, _evaluate, ("evaluate option", "options")),
+    Stage("leave-one-out", "hide each observed track of a donor in turn and impute it: "
+                           "fine-tuned vs other-donor and all-donor models, AVG, TrackAVG",
+          _PERSONAL_PATHS, LeaveOneOutOptions, _personal("leave-one-out"),
+          ("option", "options"), open="train", epilog=_PERSONAL_EPILOG, group="personal"),
+    Stage("leave-tissue-out", "hide every track of one tissue of a donor and impute them: "
+                              "fine-tuned vs other-donor and all-donor models, AVG, TrackAVG",
+          _PERSONAL_PATHS, LeaveTissueOutOptions, _personal("leave-tissue-out"),
+          ("option", "options"), open="train", epilog=_PERSONAL_EPILOG, group="personal"),
 )}
 
 
@@ -354,6 +433,8 @@ def prepare(name: str, options: Mapping | None = None, *, where: str = "command 
         return FinetuneRequest(opts.config_file, values(Source(rest, where, text, prefix)),
                                opts.resume)
     cfg = load_config(opts.config_file, rest, where=where, text=text, prefix=prefix)
+    if st.group == "personal":
+        return PersonalRequest(opts, cfg)
     return TrainRequest(cfg, opts.resume)
 
 
@@ -381,7 +462,7 @@ def run_stage(name: str, paths: Mapping[str, str | None], options=None, *,
     st = stage(name)
     missing = [p.flag for p in st.paths if p.required and not paths.get(p.name)]
     if missing:
-        raise InputError(f"The {name} stage needs {', '.join(missing)}.")
+        raise InputError(f"The {st.command} stage needs {', '.join(missing)}.")
     if options is None or isinstance(options, Mapping):
         options = prepare(name, options, where=where, prefix=prefix, text=text)
     try:
@@ -392,4 +473,4 @@ def run_stage(name: str, paths: Mapping[str, str | None], options=None, *,
         given = {p.flag: paths.get(p.name) for p in st.paths if paths.get(p.name)}
         urls = tuple(f"{v} ({k})" for k, v in given.items() if storage.is_url(v))
         shown = " ".join(f"{k} {v}" if k.startswith("--") else str(v) for k, v in given.items())
-        raise explain(e, f"edice {name} {shown}", urls) from e
+        raise explain(e, f"edice {st.command} {shown}", urls) from e

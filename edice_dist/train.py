@@ -29,16 +29,23 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import os
-from dataclasses import dataclass
-
-import numpy as np
 
 from . import _faults, checkpoint, owned, storage
 from .errors import EdiceError, InputError, explain
 from .model import EDICE, ModelConfig
 from .progress import log
-from .sampler import TrainSampler, effective_n_targets
+from .sampler import TrainSampler
 from .store import TrackStore, open_store
+from .trackplan import (  # noqa: F401 - holdout_tracks: part of this module's interface
+    TrackPlan,
+    TrackSelection,
+    holdout_tracks,
+    like_rows,
+    plan_tracks,
+    selected_vocab,
+    trained_vocab,
+    vocab_index,
+)
 from .trainconfig import (
     ARCH_KEYS,
     RESUMABLE,
@@ -49,116 +56,7 @@ from .trainconfig import (
 from .trainloop import WorkerConfig, train_loop
 from .trainsession import run_local
 
-# -- the data: which tracks train, which validate -------------------------------------------
-
-@dataclass
-class TrackPlan:
-    """Store columns used by a run.
-
-    Attributes
-    ----------
-    inputs : training tracks: supports and targets in training, supports in validation.
-    val : validation targets (the ``val`` split, or a seeded share of the training tracks).
-    val_source : "split" or "holdout".
-    n_targets : targets per training bin after the cap.
-    """
-
-    inputs: list[int]
-    val: list[int]
-    val_source: str
-    n_targets: int
-
-
-def holdout_tracks(st: TrackStore, train_cols: list[int], fraction: float, seed: int) -> list[int]:
-    """Training tracks held out for validation when the manifest names none: from every
-    assay with at least 3 training tracks, ``fraction`` of them (at least one), spread over
-    as many cell types as possible.
-
-    One validation track per assay makes the validation MSE an average over every kind of
-    mark rather than over a few random tracks, which made the choice of epoch noisy; an
-    assay with fewer tracks keeps them all for training. A store where no assay has 3
-    tracks holds out ``fraction`` of all tracks (at least one) at random.
-
-    Returns
-    -------
-    list of int, sorted store columns.
-    """
-    rng = np.random.default_rng([seed, 0x5EED])
-    by_assay: dict[str, list[int]] = {}
-    for c in train_cols:
-        by_assay.setdefault(st.tracks[c].assay, []).append(c)
-    eligible = sorted(a for a, cols in by_assay.items() if len(cols) >= 3)
-    if not eligible:
-        n_hold = max(1, int(round(fraction * len(train_cols))))
-        return sorted(int(i) for i in rng.choice(train_cols, size=n_hold, replace=False))
-    held: list[int] = []
-    used: dict[str, int] = {}
-    for a in rng.permutation(eligible):
-        cols = by_assay[str(a)]
-        for _ in range(max(1, int(round(fraction * len(cols))))):
-            left = [c for c in cols if c not in held]
-            fewest = min(used.get(st.tracks[c].cell_key, 0) for c in left)
-            pick = int(rng.choice([c for c in left if used.get(st.tracks[c].cell_key, 0) == fewest]))
-            held.append(pick)
-            used[st.tracks[pick].cell_key] = used.get(st.tracks[pick].cell_key, 0) + 1
-    return sorted(held)
-
-
-def plan_tracks(st: TrackStore, cfg: TrainConfig) -> TrackPlan:
-    """Training and validation columns of ``st`` (SPEC 2.5; test tracks are never used).
-
-    Raises
-    ------
-    InputError
-        No training tracks, or too few to hold some out and still mask.
-    """
-    train_cols = [int(i) for i in st.split_indices("train")]
-    val_cols = [int(i) for i in st.split_indices("val")]
-    if not train_cols:
-        raise InputError(
-            f"Store {st.path} has no training tracks (its {st.n_tracks} tracks are all "
-            "val/test). Mark observed tracks with split 'train' in the manifest and re-ingest."
-        )
-    source = "split"
-    if not val_cols:
-        held = holdout_tracks(st, train_cols, cfg.val_fraction, cfg.seed)
-        if len(train_cols) - len(held) < 2:
-            raise InputError(
-                f"Store {st.path} has {len(train_cols)} training track(s) and no val split: "
-                f"holding {len(held)} out for validation leaves too few to mask (at least 2 "
-                "are needed: a support and a target). Add tracks, or mark some as split "
-                "'val' in the manifest."
-            )
-        train_cols = [c for c in train_cols if c not in set(held)]
-        val_cols, source = held, "holdout"
-    if len(train_cols) < 2:
-        raise InputError(
-            f"Store {st.path} has {len(train_cols)} training track: too few to mask (training "
-            "needs at least 2, one support and one target per bin). Add training tracks."
-        )
-    k = effective_n_targets(cfg.n_targets, len(train_cols), cfg.max_target_fraction)
-    return TrackPlan(train_cols, val_cols, source, k)
-
-
-def _trained_vocab(st: TrackStore, plan: TrackPlan, cells: list[str], assays: list[str],
-                   base_model: str | None) -> tuple[list[str], list[str]]:
-    """The cell keys and assays of the vocabulary whose embeddings training updates: those
-    of the training tracks (and, when fine-tuning, those the base model was trained on).
-    A name with only val/test tracks keeps its random initial embedding; impute refuses
-    it as a target (:func:`edice_dist.impute.resolve_targets`)."""
-    tc = {st.tracks[i].cell_key for i in plan.inputs}
-    ta = {st.tracks[i].assay for i in plan.inputs}
-    if base_model:
-        base = checkpoint.load_meta(base_model)
-        tc |= set(base.get("trained_cell_keys", base["cell_keys"]))
-        ta |= set(base.get("trained_assays", base["assays"]))
-    return [c for c in cells if c in tc], [a for a in assays if a in ta]
-
-
-def _vocab_index(st: TrackStore, cells: list[str], assays: list[str]) -> tuple[list, list]:
-    ci = {c: i for i, c in enumerate(cells)}
-    ai = {a: i for i, a in enumerate(assays)}
-    return [ci[t.cell_key] for t in st.tracks], [ai[t.assay] for t in st.tracks]
+# -- the run record ---------------------------------------------------------------------------
 
 
 def _diff(old: dict, new: dict) -> list[str]:
@@ -168,7 +66,7 @@ def _diff(old: dict, new: dict) -> list[str]:
     for k in sorted(set(oc) | set(nc)):
         if k not in RESUMABLE and oc.get(k) != nc.get(k):
             out.append(f"{k} {oc.get(k)!r} -> {nc.get(k)!r}")
-    for k in ("kind", "parent_model"):
+    for k in ("kind", "parent_model", "selection"):
         if old.get(k) != new.get(k):
             out.append(f"{k} {old.get(k)!r} -> {new.get(k)!r}")
     os_, ns = old.get("store", {}), new.get("store", {})
@@ -191,7 +89,8 @@ def _ray_storage(path: str) -> tuple[str, object]:
 
 # -- drivers ----------------------------------------------------------------------------------
 
-def train(store: str, out: str, cfg: TrainConfig, resume: bool = False) -> dict:
+def train(store: str, out: str, cfg: TrainConfig, resume: bool = False,
+          tracks: TrackSelection | None = None, in_process: bool = False) -> dict:
     """``edice train``: train eDICE on the training tracks of ``store`` into ``out``.
 
     Parameters
@@ -201,6 +100,10 @@ def train(store: str, out: str, cfg: TrainConfig, resume: bool = False) -> dict:
     cfg : see :func:`edice_dist.trainconfig.load_config`.
     resume : train a finished run further (to ``cfg.epochs`` in total). An unfinished run
         with the same config is resumed whether or not this is set.
+    tracks : use only these tracks of the store; the vocabulary is then theirs
+        (:func:`selected_vocab`).
+    in_process : one worker in this process, never Ray Train (a workflow's Ray task that
+        trains one of many models).
 
     Returns
     -------
@@ -210,26 +113,35 @@ def train(store: str, out: str, cfg: TrainConfig, resume: bool = False) -> dict:
     store, out = map(storage.absolute, (store, out))
     cfg.validate()
     st = open_store(store)
-    plan = plan_tracks(st, cfg)
-    cells, assays = st.cell_keys, st.assays
+    plan = plan_tracks(st, cfg, tracks)
+    cells, assays = (st.cell_keys, st.assays) if tracks is None else selected_vocab(st, plan)
     record = {"kind": "train", "config": cfg.to_dict(), "store": st.identity(),
               "parent_model": None}
+    if tracks is not None:
+        record["selection"] = tracks.to_dict()
     loop = {"kind": "train", "model": cfg.model_config(len(cells), len(assays))}
-    return _run(st, out, cfg, plan, cells, assays, record, loop, resume)
+    return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
 
 
 FINETUNE_DEFAULTS = {"lr": 1e-4, "epochs": 10, "patience": 3}
 
 
 def finetune(model_dir: str, store: str, out: str, config_file: str | None = None,
-             overrides: dict[str, str] | None = None, resume: bool = False) -> dict:
+             overrides: dict[str, str] | None = None, resume: bool = False,
+             tracks: TrackSelection | None = None, in_process: bool = False) -> dict:
     """``edice finetune`` (SPEC 2.7): adapt a trained model to the tracks of ``store``.
 
     The global embeddings and the attention blocks stay frozen; the signal embedders
     (W, b) and the decoder train (lr 1e-4, 10 epochs by default). Cell types or assays of
     ``store`` that the model lacks get new embedding rows that train (the old rows stay
     frozen) and zero input columns in the signal embedders, so the base model's
-    predictions on its own vocabulary are unchanged at the start.
+    predictions on its own vocabulary are unchanged at the start. A new row starts at the
+    mean of the rows of the same cell type in other individuals (``liver@ind4`` from
+    ``liver@ind1..3``) where the model has some, else at the mean of all rows.
+
+    ``tracks`` and ``in_process`` are as for :func:`train`: with a selection whose
+    ``targets`` are one individual's tracks, the model is fine-tuned on that individual
+    while the other tracks are inputs only.
 
     Returns
     -------
@@ -269,22 +181,28 @@ def finetune(model_dir: str, store: str, out: str, config_file: str | None = Non
             f"{', '.join(st.assays)}; model: {', '.join(meta['assays'])}). Fine-tuning "
             "transfers what the model knows about assays; train a new model instead."
         )
-    cells = list(meta["cell_keys"]) + sorted(set(st.cell_keys) - set(meta["cell_keys"]))
-    assays = list(meta["assays"]) + sorted(set(st.assays) - set(meta["assays"]))
-    plan = plan_tracks(st, cfg)
+    plan = plan_tracks(st, cfg, tracks)
+    st_cells, st_assays = (st.cell_keys, st.assays) if tracks is None else selected_vocab(st, plan)
+    cells = list(meta["cell_keys"]) + sorted(set(st_cells) - set(meta["cell_keys"]))
+    assays = list(meta["assays"]) + sorted(set(st_assays) - set(meta["assays"]))
     new_cfg = ModelConfig.from_dict({**base_cfg, "n_cells": len(cells), "n_assays": len(assays)})
     record = {"kind": "finetune", "config": cfg.to_dict(), "store": st.identity(),
               "parent_model": model_dir}
+    if tracks is not None:
+        record["selection"] = tracks.to_dict()
     loop = {"kind": "finetune", "base_model": model_dir, "n_base_cells": base.cfg.n_cells,
-            "n_base_assays": base.cfg.n_assays, "model": new_cfg}
+            "n_base_assays": base.cfg.n_assays, "model": new_cfg,
+            "new_cell_like": like_rows(meta.get("trained_cell_keys", meta["cell_keys"]),
+                                       list(meta["cell_keys"]), cells[base.cfg.n_cells:])}
     new_c, new_a = len(cells) - base.cfg.n_cells, len(assays) - base.cfg.n_assays
     if new_c or new_a:
         log(f"fine-tuning adds {new_c} cell type(s) and {new_a} assay(s) to the vocabulary")
-    return _run(st, out, cfg, plan, cells, assays, record, loop, resume)
+    return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
 
 
 def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: list[str],
-         assays: list[str], record: dict, loop: dict, resume: bool) -> dict:
+         assays: list[str], record: dict, loop: dict, resume: bool,
+         in_process: bool = False) -> dict:
     """The folder protocol, Ray Train and the final model, for train and finetune.
 
     ``loop`` holds the :class:`WorkerConfig` fields that ``train``/``finetune`` decide (kind,
@@ -329,7 +247,7 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
     elif resume:
         log(f"{kind}: nothing to resume in {out}; starting a new run")
 
-    use_gpu, workers, cpus, local = _resources(cfg)
+    use_gpu, workers, cpus, local = _resources(cfg, in_process)
     # Fails here, not on every worker, when the genome is too small for the batches.
     TrainSampler(st, plan.inputs, plan.n_targets, cfg.batch_size // workers, cfg.seed, 0,
                  workers, cfg.bins_per_epoch, cfg.buffer_bins)
@@ -338,21 +256,24 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
     owned.claim(out, "model")
     checkpoint.write_record(out, record)
     run_name = checkpoint.next_run_name(out)
-    tc, ta = _vocab_index(st, cells, assays)
+    tc, ta = vocab_index(st, cells, assays)
     job = WorkerConfig(
         **loop, train=cfg,
         store=st.path, out=out, input_cols=plan.inputs, val_cols=plan.val,
+        target_cols=plan.targets,
         n_targets=plan.n_targets, cell_keys=cells, assays=assays,
         transform=st.transform, use_gpu=use_gpu, threads=cpus,
         resume_from=resume_from, patience_from=patience_from, run_name=run_name,
         track_cells=tc, track_assays=ta, faults=_faults.active(),
     )
-    log(f"{kind}: {len(plan.inputs)} training tracks, {len(plan.val)} validation tracks "
+    only = ("" if plan.targets is None else
+            f" ({len(plan.targets)} of them may be targets, the rest are inputs only)")
+    log(f"{kind}: {len(plan.inputs)} training tracks{only}, {len(plan.val)} validation tracks "
         f"({plan.val_source}), {plan.n_targets} targets per bin; {len(cells)} cell types x "
         f"{len(assays)} assays; {workers} worker(s) on {'GPU' if use_gpu else 'CPU'} "
         f"({cpus} CPU each); run {run_name}")
     log(f"{kind} config: {describe_config(cfg)}")
-    tc, ta = _trained_vocab(st, plan, cells, assays, job.base_model)
+    tc, ta = trained_vocab(st, plan, cells, assays, job.base_model)
     never = [c for c in cells if c not in tc] + [a for a in assays if a not in ta]
     if never:
         log(f"warning: no training track for {', '.join(never[:8])}"
@@ -370,9 +291,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _resources(cfg: TrainConfig) -> tuple[bool, int, int, bool]:
+def _resources(cfg: TrainConfig, in_process: bool = False) -> tuple[bool, int, int, bool]:
     """(use_gpu, workers, CPUs per worker, in process) from the config and what Ray
     reports.
+
+    ``in_process``: one worker in this process whatever the config and the cluster say
+    (a task of a workflow that trains many models at once, each with its own CPUs).
 
     One worker off a cluster runs in this process (:mod:`edice_dist.trainsession`) with
     this machine's CPUs and GPU, and Ray is not started for it. On a cluster that a job
@@ -383,6 +307,13 @@ def _resources(cfg: TrainConfig) -> tuple[bool, int, int, bool]:
     from . import raycluster
 
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if in_process:
+        cuda = _cuda_count()
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cuda > 0
+        if use_gpu and not cuda:
+            raise InputError("use_gpu is true but torch sees no GPU here. Set use_gpu to "
+                             "false to train on CPUs.")
+        return use_gpu, 1, cfg.cpus_per_worker or 1, True
     if not on_cluster:
         cuda = _cuda_count()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cuda > 0
@@ -549,7 +480,8 @@ def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, as
     history = m["history"]
     best_row = next(r for r in history if r["epoch"] == best_epoch)
     ids = st.track_ids()
-    trained_cells, trained_assays = _trained_vocab(st, plan, cells, assays, job.base_model)
+    trained_cells, trained_assays = trained_vocab(st, plan, cells, assays, job.base_model)
+    seen = best.get("seen") or {}
     info = {
         "cell_keys": cells,
         "assays": assays,
@@ -564,6 +496,9 @@ def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, as
         "train_tracks": [ids[i] for i in plan.inputs],
         "val_tracks": [ids[i] for i in plan.val],
         "val_source": plan.val_source,
+        # The store columns the training worker read (supports and targets), drew targets
+        # from and validated on, by column and track id (from the checkpoint it wrote).
+        "data": {k: {"columns": v, "tracks": [ids[i] for i in v]} for k, v in seen.items()},
         "epoch": best_epoch,
         "epochs_run": int(m["epoch"]),
         "stopped_early": bool(m.get("stopped")),

@@ -61,6 +61,9 @@ class WorkerConfig:
     patience_from : the epoch from which a stale validation MSE counts toward patience.
     base_model, n_base_cells, n_base_assays : for fine-tuning, the base model's folder and
         vocabulary size (its embedding rows stay frozen).
+    new_cell_like : for fine-tuning, per new cell row the base rows it starts from
+        (:func:`edice_dist.model.extend_vocab`).
+    target_cols : the input columns that may be training targets (all when None).
     faults : test-only faults (:mod:`edice_dist._faults`).
     """
 
@@ -85,6 +88,8 @@ class WorkerConfig:
     base_model: str | None = None
     n_base_cells: int = 0
     n_base_assays: int = 0
+    new_cell_like: list[list[int]] | None = None
+    target_cols: list[int] | None = None
     faults: dict = field(default_factory=dict)
 
 
@@ -120,7 +125,8 @@ def _initial_model(config: WorkerConfig, state: dict | None) -> EDICE:
         return model
     if config.base_model:
         base, _ = checkpoint.load_model(config.base_model, "cpu")
-        return extend_vocab(base, mcfg.n_cells, mcfg.n_assays).train()
+        return extend_vocab(base, mcfg.n_cells, mcfg.n_assays,
+                            like=config.new_cell_like).train()
     init_seed(config.train.seed)
     return EDICE(mcfg)
 
@@ -196,8 +202,15 @@ def train_loop(config: WorkerConfig, session=None) -> None:
     patience_from = config.patience_from
 
     ctx = config.model.context
+    targets = None if config.target_cols is None else np.isin(inputs, config.target_cols)
     sampler = TrainSampler(st, inputs, config.n_targets, cfg.batch_size // world, cfg.seed,
-                           rank, world, cfg.bins_per_epoch, cfg.buffer_bins, context=ctx)
+                           rank, world, cfg.bins_per_epoch, cfg.buffer_bins, context=ctx,
+                           targets=targets)
+    # What this worker reads, as it reads it: the model folder records it (model.json
+    # "data"), so that a test can check from the data which tracks a model saw.
+    seen = {"inputs": sampler.columns.tolist(),
+            "targets": (sampler.columns if targets is None else sampler.columns[targets]).tolist(),
+            "val": val_cols.tolist()}
     vplan = validation_plan(st, cfg.val_bins, cfg.seed)
     xv, yv = read_validation(st, vplan, inputs, val_cols, rank, world, context=ctx)
     w_avg = avg_weights(tc[inputs], ta[inputs], tc[val_cols], ta[val_cols])
@@ -242,7 +255,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
         history.append(row)
         report = {**row, "best_epoch": best_epoch if improved else 0, "stopped": int(stopped)}
         _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse,
-                stopped, report)
+                stopped, report, seen)
         if rank == 0:
             _worker_log(_epoch_line(config.kind, epoch, cfg.epochs, metrics, improved))
             checkpoint.write_history(config.out, history)
@@ -346,7 +359,7 @@ def _epoch_line(kind: str, epoch: int, epochs: int, m: dict, improved: bool) -> 
 
 
 def _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
-            metrics):
+            metrics, seen):
     """Report the epoch on every worker; rank 0 attaches the checkpoint's files."""
     name = f"epoch_{epoch:04d}"
     if session.rank != 0:
@@ -366,6 +379,7 @@ def _report(config, session, epoch, net, opt, history, restores, best_epoch, bes
         "cell_keys": config.cell_keys,
         "assays": config.assays,
         "transform": config.transform,
+        "seen": seen,
     }
     buf = io.BytesIO()
     torch.save(state, buf)

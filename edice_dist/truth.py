@@ -2,7 +2,8 @@
 and the genome they are compared over.
 
 - ``truth``: a TSV with the columns ``cell_type assay path`` and optional ``peaks`` (a BED
-  of the track's peaks) and ``individual``, as ``edice simulate`` writes to
+  of the track's peaks), ``individual`` and ``person_peaks`` (a BED of the track's
+  person-specific peaks, :mod:`edice_dist.personpeaks`), as ``edice simulate`` writes to
   ``truth/targets.tsv``; relative paths resolve against its folder.
 - ``imputed``: a folder of ``<cell_key>-<assay>.bigWig`` files (an imputation run's
   ``bigwig/``). A ``manifest.tsv`` there (``cell_type assay individual path`` and optional
@@ -27,13 +28,15 @@ from .tracks import track_id as make_track_id
 
 @dataclass(frozen=True)
 class TruthTrack:
-    """One held-out track: its bigWig of -log10 p and optional peak BED."""
+    """One held-out track: its bigWig of -log10 p and optional peak BEDs (all its peaks;
+    its person-specific peaks)."""
 
     cell_type: str
     assay: str
     path: str
     peaks: str = ""
     individual: str = ""
+    person_peaks: str = ""
 
     @property
     def cell_key(self) -> str:
@@ -63,7 +66,7 @@ def _resolve(base: str, p: str) -> str:
 
 
 def read_truth(path: str) -> list[TruthTrack]:
-    """Parse a truth manifest (``cell_type assay path [peaks] [individual]``).
+    """Parse a truth manifest (``cell_type assay path [peaks] [individual] [person_peaks]``).
 
     Raises
     ------
@@ -81,7 +84,8 @@ def read_truth(path: str) -> list[TruthTrack]:
         if r.get("individual"):
             check_name(r["individual"], "individual column", f"{path}, line {lineno}")
         t = TruthTrack(r["cell_type"], r["assay"], _resolve(base, r["path"]),
-                       _resolve(base, r.get("peaks", "")), r.get("individual", ""))
+                       _resolve(base, r.get("peaks", "")), r.get("individual", ""),
+                       _resolve(base, r.get("person_peaks", "")))
         if (t.cell_key, t.assay) in seen:
             raise InputError(f"{path}, line {lineno}: {t.track_id} is listed twice "
                              f"(first at line {seen[t.cell_key, t.assay]}).")

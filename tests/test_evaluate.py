@@ -188,6 +188,35 @@ def test_end_to_end_with_baselines(tiny, capsys):
     assert "6 of 6 track evaluations reused" in capsys.readouterr().err
 
 
+def test_person_specific_auprc_with_its_chance_level(tiny, tmp_path):
+    """A ``person_peaks`` column adds ``auprc_person``: the average precision of those bins
+    among all bins, for the model and the baselines alike, and ``person_frac``."""
+    from edice_dist.metrics import metrics_from_arrays
+
+    root = tiny["root"]
+    iv = [("chrA", 2000, 2300), ("chrB", 900, 1100)]
+    (tmp_path / "person.bed").write_text("".join(f"{c}\t{s}\t{e}\n" for c, s, e in iv))
+    lines = (root / "truth" / "targets.tsv").read_text().splitlines()
+    truth = root / "truth" / "targets_person.tsv"  # beside the other: same relative paths
+    truth.write_text("\n".join([lines[0] + "\tperson_peaks",
+                                lines[1] + f"\t{tmp_path / 'person.bed'}", lines[2] + "\t"]))
+    res = evaluate(str(truth), str(root / "run" / "bigwig"), store=tiny["store"],
+                   out=str(tmp_path / "ev"), parallel=False, plots=False, quiet=True)
+    rows = {(r["track_id"], r["method"]): r for r in res["rows"]}
+    t = cat(asinh32(tiny["truth"]["c1@i1-A"]))
+    person = np.concatenate([peak_mask(iv, c) for c in SIZES])
+    y = cat(asinh32(tiny["imputed"]["c1@i1-A"]))
+    want = metrics_from_arrays(t, y, person)["auprc"]
+    assert rows[("c1@i1-A", "model")]["auprc_person"] == pytest.approx(want, rel=1e-9)
+    assert rows[("c1@i1-A", "TrackAVG")]["person_frac"] == pytest.approx(person.mean())
+    assert "auprc_person" not in rows[("c2@i2-B", "model")]  # no person_peaks for it
+    head = open(tmp_path / "ev" / "metrics.tsv").readline().split()
+    assert head[-3:] == ["auprc_person", "person_frac", "individual"]
+    beats = {(s["method"], s["metric"]): s["model_beats"] for s in res["summary"]
+             if s["assay"] == "all"}
+    assert beats[("TrackAVG", "person_frac")] is None  # a chance level, not a score
+
+
 def test_pval_space_and_no_store(tiny, tmp_path):
     root = tiny["root"]
     out = tmp_path / "ev"
@@ -259,7 +288,7 @@ def test_avg_baseline_is_the_numpy_mean_of_the_other_cells(tiny):
     jobs = plan_jobs(truth, preds, GENOME, "pval", store_mod.open_store(tiny["store"]),
                      read_bins=700)
     job = next(j for j in jobs if j.method == "AVG" and j.track.assay == "A")
-    got = np.concatenate([y for _, y, _, _ in job_chunks(job)])
+    got = np.concatenate([y for _, y, *_ in job_chunks(job)])
     ids = ["c1@i2-A", "c1@i3-A", "c2@i1-A"]  # same assay, other cells, train/val only
     want = np.mean([np.sinh(cat(tiny["obs"][i]).astype(np.float64)) for i in ids], axis=0)
     np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6)

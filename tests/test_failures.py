@@ -136,13 +136,13 @@ def test_ctrl_c_is_the_same_in_every_stage(stage, tmp_path, capsys, monkeypatch)
 
     st = stages.STAGES[stage]
     monkeypatch.setitem(stages.STAGES, stage, dataclasses.replace(st, run=interrupted))
-    args = [stage]
+    args = st.command.split()  # `edice personal leave-one-out` for a grouped stage
     for p in st.paths:
         args += ([p.flag] if p.flag.startswith("--") else []) + [tmp_path / p.name]
     rc, err = cli(args, capsys)
     assert rc == 130
     assert err.strip().splitlines()[-1] == \
-        f"edice {stage}: interrupted; re-run the same command to resume."
+        f"edice {st.command}: interrupted; re-run the same command to resume."
 
 
 # ---------------------------------------------------------------- names that become paths

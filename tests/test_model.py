@@ -338,6 +338,11 @@ def test_extend_vocab_keeps_old_predictions():
         assert torch.isfinite(big(x, support, tc, ta, torch.tensor([6]), torch.tensor([5]))).all()
     with pytest.raises(ValueError, match="only grows"):
         extend_vocab(model, 4, 4)
+    # A new individual's tissue may start from that tissue's rows in other individuals.
+    like = extend_vocab(model, 7, 5, like=[[1, 3], []])
+    rows = model.cell_embed.table.weight
+    assert torch.allclose(like.cell_embed.table.weight[5], rows[[1, 3]].mean(0))
+    assert torch.allclose(like.cell_embed.table.weight[6], rows.mean(0))
 
 
 def test_model_on_device(device):

@@ -67,6 +67,18 @@ def test_draw_targets_is_a_uniform_subset_per_row():
         draw_targets(rng, 2, 3, 3)
 
 
+def test_draw_targets_only_from_the_allowed_columns():
+    allowed = np.array([True, False, True, True, False, True])
+    target, support = draw_targets(np.random.default_rng(1), 500, 6, 2, allowed)
+    assert set(target.ravel()) == {0, 2, 3, 5} and support[:, [1, 4]].all()
+    # All allowed: the same draw as without a mask.
+    a = draw_targets(np.random.default_rng(2), 50, 6, 2, np.ones(6, bool))
+    b = draw_targets(np.random.default_rng(2), 50, 6, 2)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="may be targets"):
+        draw_targets(np.random.default_rng(3), 2, 6, 3, allowed & (np.arange(6) < 3))
+
+
 def test_effective_n_targets_caps_to_a_fraction():
     assert effective_n_targets(120, 1014, 0.5) == 120  # paper scale: as asked
     assert effective_n_targets(120, 55, 0.5) == 27  # small consortium: half at most

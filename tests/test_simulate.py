@@ -339,7 +339,8 @@ def test_individuals_and_private_elements(indiv):
     man = _rows(os.path.join(indiv, "manifest.tsv"))
     assert list(man[0]) == ["cell_type", "assay", "path", "split", "individual"]
     targets = _rows(os.path.join(indiv, "truth", "targets.tsv"))
-    assert list(targets[0]) == ["cell_type", "assay", "path", "peaks", "individual"]
+    assert list(targets[0]) == ["cell_type", "assay", "path", "peaks", "individual",
+                                "person_peaks"]
     inds = sorted({r["individual"] for r in man})
     assert inds == ["ind01", "ind02", "ind03"]
     obs = {(r["cell_type"], r["individual"], r["assay"]) for r in man}
@@ -371,6 +372,35 @@ def test_individuals_and_private_elements(indiv):
             if j != i and (c, j, a) in vec:
                 diffs.append(v[m].mean() - vec[(c, j, a)][m].mean())
     assert len(diffs) >= 5 and np.mean(diffs) > 0.2 and np.mean(np.array(diffs) > 0) > 0.8
+
+
+def test_person_specific_peaks(indiv):
+    """With individuals every track has its peaks, and its person-specific peaks are
+    peaks of its own that no other individual's track of that cell type and assay has,
+    in runs >= 150 bp; observed.tsv lists the observed tracks with both."""
+    sizes = _sizes(indiv)
+    truth = os.path.join(indiv, "truth")
+    obs = _rows(os.path.join(truth, "observed.tsv"))
+    man = _rows(os.path.join(indiv, "manifest.tsv"))
+    assert list(obs[0]) == ["cell_type", "assay", "path", "peaks", "individual", "person_peaks"]
+    assert sorted(map(_key, obs)) == sorted(map(_key, man))
+    rows = obs + _rows(os.path.join(truth, "targets.tsv"))
+    peaks = {_key(r): _peak_mask(os.path.join(truth, r["peaks"]), sizes) for r in rows}
+    assert all(os.path.exists(os.path.normpath(os.path.join(truth, r["path"]))) for r in obs)
+    found = 0
+    for r in rows:
+        others = [k for k in peaks if k[1] == r["assay"] and k[0] != _key(r)[0]
+                  and k[0].split("@")[0] == r["cell_type"]]
+        if not others:
+            assert r["person_peaks"] == ""
+            continue
+        q = _peak_mask(os.path.join(truth, r["person_peaks"]), sizes)
+        assert not (q & ~peaks[_key(r)]).any()
+        assert not any((q & peaks[k]).any() for k in others)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], q.astype(np.int8), [0]))))
+        assert (np.diff(edges)[::2] >= 6).all()  # runs of >= 150 bp
+        found += int(q.sum() > 0)
+    assert found >= len(rows) // 2  # private elements and flips make them common
 
 
 def test_poisson_table_matches_scipy():

@@ -143,6 +143,28 @@ def test_val_split_is_used_and_at_least_one_track_held_out(tmp_path):
     assert len(plan.val) == 1 and len(plan.inputs) == 3
 
 
+def test_a_selection_of_tracks_and_of_targets(tmp_path):
+    """A run on some tracks reads only them; with targets named, only those are targets
+    and validation tracks, the rest inputs only; the vocabulary is the selection's."""
+    from edice_dist.train import TrackSelection, selected_vocab
+
+    st, _ = make_store(str(tmp_path / "s"), n_cells=5, n_assays=3, chrom_bins=(300,))
+    ids = st.track_ids()
+    inputs = tuple(i for i in ids if not i.startswith("C04") and i != "C00-A0")
+    targets = tuple(i for i in inputs if i.startswith("C03"))
+    plan = plan_tracks(st, load_config(), TrackSelection(inputs))
+    used = {ids[c] for c in plan.inputs + plan.val}
+    assert used == set(inputs) and plan.targets is None
+    assert selected_vocab(st, plan) == (["C00", "C01", "C02", "C03"], ["A0", "A1", "A2"])
+    plan = plan_tracks(st, load_config(), TrackSelection(inputs, targets))
+    assert {ids[c] for c in plan.inputs + plan.val} == set(inputs)
+    assert {ids[c] for c in plan.val} <= set(targets) and plan.val
+    assert {ids[c] for c in plan.targets} == set(targets) - {ids[c] for c in plan.val}
+    assert plan.n_targets == 1  # half of the 2 tracks left to be targets
+    with pytest.raises(InputError, match="no track C09-A0"):
+        plan_tracks(st, load_config(), TrackSelection(("C09-A0",)))
+
+
 def test_store_without_training_tracks_or_too_few(tmp_path):
     st, _ = make_store(str(tmp_path / "a"), n_cells=1, n_assays=2, chrom_bins=(300,),
                        splits={(0, 0): "val", (0, 1): "test"})
@@ -477,7 +499,7 @@ def test_ctrl_c_during_training(small_store, ray_local, tmp_path, capsys):
 def test_the_model_records_what_was_trained(seeded_runs, tmp_path):
     """A cell type or assay with no training track keeps a random embedding: the model
     records the trained ones, so that impute can refuse the others (test_impute)."""
-    from edice_dist.train import _trained_vocab
+    from edice_dist.train import trained_vocab
 
     meta = checkpoint.load_meta(seeded_runs["b"])
     assert meta["trained_cell_keys"] == meta["cell_keys"]
@@ -486,7 +508,7 @@ def test_the_model_records_what_was_trained(seeded_runs, tmp_path):
                        splits={(3, 0): "val", (3, 1): "test", (3, 2): "val", (0, 2): "test",
                                (1, 2): "val", (2, 2): "val"})
     plan = plan_tracks(st, load_config())
-    cells, assays = _trained_vocab(st, plan, st.cell_keys, st.assays, None)
+    cells, assays = trained_vocab(st, plan, st.cell_keys, st.assays, None)
     assert cells == ["C00", "C01", "C02"] and assays == ["A0", "A1"]
 
 
