@@ -105,11 +105,12 @@ def _check_sources(items: list[tuple], full_json: list[dict], chroms: list[str],
     ``items`` are (column, path, label, converted) with ``converted`` the place for a
     bedGraph's bigWig. Names are checked against the whole chromosome sizes file (a
     ``--chroms`` subset that a source lacks is zeros, not a naming mismatch). A bigWig
-    given by URL is checked from its header bytes (:func:`sources.read_header`): its
+    given by URL is checked from its header bytes (:func:`bigwighead.read_header`): its
     values are read once, by the task that decodes it. Returns (column, path to read,
     warnings, error message or None).
     """
-    from .sources import check_chroms, open_source, read_header
+    from .bigwighead import read_header
+    from .sources import check_chroms, open_source
 
     full = Genome.from_json(full_json, bin_size)
     out = []
