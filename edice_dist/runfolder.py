@@ -256,13 +256,12 @@ def reconcile(run_dir: str, info: dict, force: bool) -> dict | None:
 
 
 def output_codecs(dtype: str) -> list:
-    """The output store's codecs, chosen by ``benchmarks/bench_output_codec.py`` at 2,000
-    targets (BENCHMARKS.md, Imputation, output codec): the track store's (blosc zstd-3
-    with bit shuffling, then a CRC32C checksum so that a damaged chunk is an error, not
-    garbage values)."""
-    from .store import default_codecs
+    """The output store's codecs: :func:`edice_dist.store.fast_codecs` (blosc lz4 with
+    bit shuffling, CRC32C), chosen by measurement at 2,000 targets (BENCHMARKS.md,
+    Imputation, output codec)."""
+    from .store import fast_codecs
 
-    return default_codecs(dtype)
+    return fast_codecs(dtype)
 
 
 def create_output(path: str, store, chroms: list[str], targets: list[dict], chunk_bins: int,

@@ -54,12 +54,11 @@ def block_chunks(n_tracks: int, chunk_bins: int, itemsize: int, total_chunks: in
 
 
 def _codecs(dtype: str) -> list:
-    """lz4 with bit shuffling: as small as zstd on these values and several times faster
-    to write and read (BENCHMARKS.md, Ingest); written and read once, so speed wins."""
-    from zarr.codecs import BloscCodec
+    """Written and read once, so speed wins: the output store's codecs
+    (:func:`edice_dist.store.fast_codecs`)."""
+    from .store import fast_codecs
 
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle",
-                       typesize=np.dtype(dtype).itemsize)]
+    return fast_codecs(dtype)
 
 
 def create(partial: str, chroms_json: list[dict], n_tracks: int, chunk_bins: int,
