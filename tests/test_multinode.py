@@ -53,6 +53,7 @@ LOSE_CHUNK = "chr1:3"
 JOB_TIMEOUT_S = 420
 IDLE_MINUTES = 1 / 3
 IDLE_TIMEOUT_S = 120
+HEAD_TIMEOUT_S = 180
 
 
 class Watch(threading.Thread):
@@ -91,13 +92,32 @@ class Watch(threading.Thread):
 
     def until_no_gpu_nodes(self, timeout: float) -> float:
         """Seconds until no GPU node is alive (AssertionError after ``timeout``)."""
-        t0 = time.monotonic()
+        t0, s = time.monotonic(), {"gpu_nodes": "unknown"}
         while time.monotonic() - t0 < timeout:
-            s = self.snapshot()
-            if not s["gpu_nodes"]:
-                return time.monotonic() - t0
+            try:
+                s = self.snapshot()
+            except Exception:  # noqa: BLE001 - the dashboard may be busy; ask again
+                self.errors += 1
+            else:
+                if not s["gpu_nodes"]:
+                    return time.monotonic() - t0
             time.sleep(1)
         raise AssertionError(f"GPU nodes still up after {timeout} s: {s['gpu_nodes']}")
+
+
+def _first_snapshot(watch: Watch, timeout: float) -> dict:
+    """The cluster as it is before any job, once the State API lists the head (on a
+    loaded machine the dashboard may time out or answer an empty list for a while)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            s = watch.snapshot()
+            if watch.head.state("nodes"):
+                return s
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last = e
+        time.sleep(1)
+    raise AssertionError(f"the head's State API did not list it within {timeout} s: {last!r}")
 
 
 def _job(head: RayHead, job: str, config: str, faults: dict, log: Path) -> subprocess.CompletedProcess:
@@ -136,13 +156,10 @@ def cluster_jobs(tmp_path_factory):
                        "health_check_initial_delay_ms": 1000},
         extra_env={"AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5",
                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-                   "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}).start()
+                   "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}).start(timeout=HEAD_TIMEOUT_S)
     watch = Watch(head)
     try:
-        deadline = time.monotonic() + 60
-        while not head.state("nodes") and time.monotonic() < deadline:
-            time.sleep(1)  # the State API lists the head once it has registered
-        first = watch.snapshot()
+        first = _first_snapshot(watch, timeout=HEAD_TIMEOUT_S)
         watch.start()
         faults = {"fake_gpus": True, "train_lose_node_epoch": LOSE_EPOCH,
                   "impute_lose_node_chunk": LOSE_CHUNK}
@@ -156,7 +173,8 @@ def cluster_jobs(tmp_path_factory):
         t["impute_idle_s"] = watch.until_no_gpu_nodes(IDLE_TIMEOUT_S)
     finally:
         watch.stopping.set()
-        watch.join(timeout=10)
+        if watch.ident is not None:  # started
+            watch.join(timeout=10)
         head.stop()
     return {"root": root, "store": store, "first": first, "watch": watch, "t": t,
             "train_log": train_log.stdout + train_log.stderr,
