@@ -1,7 +1,10 @@
-"""Write-aside-then-rename for multi-writer outputs (stores, run folders).
+"""Done markers of multi-writer outputs, and write-aside-then-rename for track stores.
 
-Writers own whole chunks; each writes a done marker after its chunk's data. Finalise
-checks every marker, drops them and renames ``<path>.partial`` to ``<path>``.
+Writers own whole chunks; each writes a done marker after its chunk's data. A track
+store is written at ``<path>.partial``: finalise checks every marker, drops them and
+renames it to ``<path>``. The imputation output is written in place instead (a rename on
+an object store copies every object) and completed by a record
+(:func:`edice_dist.runfolder.mark_complete`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def check_complete(root: str, expected: list[tuple[str, int]], what: str) -> Non
         show = ", ".join(f"{k}[{i}]" for k, i in missing[:8])
         raise EdiceError(
             f"{what} at {root} is missing {len(missing)} of {len(expected)} chunks "
-            f"({show}{', ...' if len(missing) > 8 else ''}). Nothing was renamed into place; "
+            f"({show}{', ...' if len(missing) > 8 else ''}), so it was not finalised; "
             "run the same command again to compute the missing chunks."
         )
 

@@ -34,6 +34,7 @@ one self-contained page, with the provenance: :mod:`edice_dist.report`) and ``_c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import operator
@@ -45,11 +46,7 @@ import numpy as np
 from . import __version__, owned, spaces, storage
 from .errors import EdiceError, InputError
 from .genome import Genome, bed_bin_mask, read_bed
-from .metrics import (
-    PEAK_PVAL,
-    call_peaks,
-    track_metrics,
-)
+from .metrics import PEAK_PVAL, call_peaks, track_metrics
 from .progress import Progress, log
 from .tables import METHODS, format_table, json_number, metric_columns, summarise, write_tables
 from .truth import TruthTrack, check_header, imputed_paths, read_truth, resolve_genome
@@ -99,9 +96,12 @@ def _bed(path: str, genome: Genome, what: str) -> dict[str, np.ndarray]:
     return read_bed(path, genome)
 
 
-def job_chunks(job: Job):
+def job_chunks(job: Job, local: dict[str, str] | None = None):
     """Yield ``(truth, prediction, peaks, regions, person-specific peaks)`` chunk by chunk
-    in genome order (regions and person-specific peaks None when the job has none)."""
+    in genome order (regions and person-specific peaks None when the job has none).
+
+    ``local`` maps bigWig paths (URLs) to local copies already fetched
+    (:func:`_local_copies`); messages still name the paths of the job."""
     from .sources import open_source
     from .store import open_store
 
@@ -114,8 +114,11 @@ def job_chunks(job: Job):
     read_bins = job.read_bins
     if store is not None:  # whole store chunks per read
         read_bins = max(1, round(read_bins / store.chunk_bins)) * store.chunk_bins
-    with open_source(job.track.path, job.genome, label=label) as truth_src:
-        pred_src = (open_source(job.pred_path, job.genome, label=f"imputed {label}")
+    local = local or {}
+    with open_source(local.get(job.track.path, job.track.path), job.genome, label=label,
+                     shown=job.track.path) as truth_src:
+        pred_src = (open_source(local.get(job.pred_path, job.pred_path), job.genome,
+                                label=f"imputed {label}", shown=job.pred_path)
                     if job.method == "model" else None)
         try:
             for ch in job.genome.chunks(read_bins):
@@ -140,11 +143,11 @@ def job_chunks(job: Job):
                 pred_src.close()
 
 
-def run_job(job: Job) -> dict:
+def run_job(job: Job, local: dict[str, str] | None = None) -> dict:
     """The metrics of one job (see :func:`edice_dist.metrics.track_metrics`)."""
     # Every tee copy must be consumed, in lockstep, or tee would keep the whole genome.
     used = [0, 1, 2] + [i for i, on in ((3, job.annotation), (4, job.track.person_peaks)) if on]
-    tees = itertools.tee(job_chunks(job), len(used))
+    tees = itertools.tee(job_chunks(job, local), len(used))
     its = {i: map(operator.itemgetter(i), it) for i, it in zip(used, tees, strict=True)}
     try:
         return track_metrics(its[0], its[1], its[2], its.get(3), its.get(4), tmpdir=job.tmpdir)
@@ -152,14 +155,39 @@ def run_job(job: Job) -> dict:
         raise InputError(f"Evaluating {job.method} for {job.track.track_id}: {e}.") from None
 
 
-def _run_job_safe(job: Job) -> tuple[str, object]:
+def _safe(fn, *args) -> tuple[str, object]:
     """For Ray tasks: return errors as values so the driver re-raises them cleanly."""
     try:
-        return "ok", run_job(job)
+        return "ok", fn(*args)
     except EdiceError as e:
         return "input", str(e)
     except Exception as e:  # unexpected: keep the type in the message
         return "error", f"{type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def _local_copies(paths):
+    """{path: local file} with every URL among ``paths`` downloaded once (local paths map
+    to themselves); the copies are removed on exit."""
+    with contextlib.ExitStack() as stack:
+        yield {p: stack.enter_context(storage.local_copy(p, ".gz" if p.endswith(".gz") else ""))
+               for p in dict.fromkeys(paths) if p and storage.is_url(p)}
+
+
+def track_task(jobs: list[Job], todo: list[int], width: int | None) -> tuple[list, object]:
+    """Every evaluation ``jobs[i]`` (``i`` in ``todo``) of one truth track and, with a
+    ``width``, its browser panel: the work of one Ray task, which fetches the track's
+    truth and imputed bigWigs once for all of them.
+
+    Returns
+    -------
+    (list of (status, metrics or message) per ``todo``, (status, panel or message) or None)
+    """
+    paths = [jobs[0].track.path] + [j.pred_path for j in jobs]
+    with _local_copies(paths) as local:
+        results = [_safe(run_job, jobs[i], local) for i in todo]
+        panel = _safe(_panel, jobs, width, local) if width else None
+    return results, panel
 
 
 # ---------------------------------------------------------------- caching
@@ -244,58 +272,90 @@ def plan_jobs(truth: list[TruthTrack], preds: dict[str, tuple[str, str]], genome
     return jobs
 
 
-def run_jobs(jobs: list[Job], out: str, parallel: bool | None = None) -> list[dict]:
-    """Metrics of every job, from the cache where its inputs are unchanged; with Ray
-    tasks when Ray is initialised (``parallel=None``) or ``parallel`` is true."""
+def run_jobs(jobs: list[Job], out: str, parallel: bool | None = None, panels: int = 0,
+             width: int = 0) -> tuple[list[dict], list[dict]]:
+    """Metrics of every job, from the cache where its inputs are unchanged, and the
+    browser panels of the first ``panels`` truth tracks (:func:`_panel`).
+
+    The evaluations of one truth track run together (:func:`track_task`), so that its
+    bigWigs are fetched once; with Ray tasks when Ray is initialised (``parallel=None``)
+    or ``parallel`` is true.
+
+    Returns
+    -------
+    (metrics per job, panels in truth order)
+    """
     results: list[dict | None] = [_cached(out, j) for j in jobs]
     todo = [i for i, r in enumerate(results) if r is None]
     if len(todo) < len(jobs):
         log(f"evaluate: {len(jobs) - len(todo)} of {len(jobs)} track evaluations reused from "
             f"{storage.join(out, '_cache')}.")
-    if not todo:
-        return results
-    prog = Progress(len(todo), "evaluate", unit="track evaluations")
+    groups: dict[str, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault(j.track.track_id, []).append(i)
+    order = list(groups)
+    calls = []  # (track, job indices, indices into them to compute, panel width)
+    for n, tid in enumerate(order):
+        idx = groups[tid]
+        want = [k for k, i in enumerate(idx) if results[i] is None]
+        w = width if n < panels else None
+        if want or w:
+            calls.append((tid, idx, want, w))
+    found: dict[str, dict] = {}
+    if not calls:
+        return results, []
+    prog = Progress(len(todo), "evaluate", unit="track evaluations") if todo else None
     if parallel is None:
         try:
             import ray
 
-            parallel = ray.is_initialized() and len(todo) > 1
+            parallel = ray.is_initialized() and len(calls) > 1
         except ImportError:
             parallel = False
 
-    def finish(i, status, value):
-        if status == "input":
-            raise InputError(value)
-        if status != "ok":
-            raise EdiceError(f"Evaluating {jobs[i].method} for {jobs[i].track.track_id} "
-                             f"failed: {value}")
-        results[i] = value
-        _save_cache(out, jobs[i], value)
-        prog.update()
+    def finish(call, answer):
+        tid, idx, want, _ = call
+        metrics, panel = answer
+        for k, (status, value) in zip(want, metrics, strict=True):
+            job = jobs[idx[k]]
+            if status == "input":
+                raise InputError(value)
+            if status != "ok":
+                raise EdiceError(f"Evaluating {job.method} for {job.track.track_id} "
+                                 f"failed: {value}")
+            results[idx[k]] = value
+            _save_cache(out, job, value)
+            prog.update()
+        if panel is not None:
+            status, value = panel
+            if status == "input":
+                raise InputError(value)
+            if status != "ok":
+                raise EdiceError(f"Drawing the browser panel of {tid} failed: {value}")
+            found[tid] = value
 
     if parallel:
         import ray
 
-        task = ray.remote(num_cpus=1, max_retries=1)(_run_job_safe)
-        refs = {task.remote(jobs[i]): i for i in todo}
+        task = ray.remote(num_cpus=1, max_retries=1)(track_task)
+        refs = {task.remote([jobs[i] for i in c[1]], c[2], c[3]): c for c in calls}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            status, value = ray.get(done[0])
-            finish(refs[done[0]], status, value)
+            finish(refs[done[0]], ray.get(done[0]))
     else:
-        for i in todo:
-            finish(i, *_run_job_safe(jobs[i]))
-    return results
+        for c in calls:
+            finish(c, track_task([jobs[i] for i in c[1]], c[2], c[3]))
+    return results, [found[t] for t in order if t in found]
 
 
-def browser_panels(jobs: list[Job], limit: int, width: int) -> list[dict]:
-    """The data of the genome-browser plots of the first ``limit`` truth tracks: a window
-    of ``width`` bins around the truth's highest bin on the first chromosome.
+def _panel(track_jobs: list[Job], width: int, local: dict[str, str]) -> dict:
+    """The data of the genome-browser plot of one truth track: a window of ``width`` bins
+    around the truth's highest bin on the first chromosome.
 
     Returns
     -------
-    list of dict
+    dict
         ``track_id``, ``panel`` (label -> values, shape (w,): truth, model, baselines),
         ``chrom``, ``start_bin``, ``bin_size``, ``peaks`` (shape (w,), bool), ``title`` and
         ``ylabel`` (the value space), as :func:`edice_dist.plots.browser` takes them.
@@ -303,41 +363,36 @@ def browser_panels(jobs: list[Job], limit: int, width: int) -> list[dict]:
     from .sources import open_source
     from .store import open_store
 
-    by_track: dict[str, list[Job]] = {}
-    for j in jobs:
-        by_track.setdefault(j.track.track_id, []).append(j)
-    out = []
-    for track_jobs in list(by_track.values())[:limit]:
-        job = next(j for j in track_jobs if j.method == "model")
-        g, t = job.genome, job.track
-        chrom = g.chroms[0]
-        nb = g.n_bins(chrom)
-        with open_source(t.path, g, label=t.track_id) as src:
-            best, best_at = -np.inf, 0
-            for s in range(0, nb, job.read_bins):
-                v = src.binned(chrom, s, min(s + job.read_bins, nb))
-                if len(v) and v.max() > best:
-                    best, best_at = float(v.max()), s + int(np.argmax(v))
-            a = max(0, min(best_at - width // 2, nb - width))
-            b = min(nb, a + width)
-            pval = src.binned(chrom, a, b)
-        panel = {"truth": spaces.to_space(pval, job.space, "pval", np.float32)}
-        for j in track_jobs:
-            if j.method == "model":
-                with open_source(j.pred_path, g, label=f"imputed {t.track_id}") as src:
-                    panel["model"] = spaces.to_space(src.binned(chrom, a, b), j.space,
-                                                     j.pred_space, np.float32)
-            else:
-                panel[j.method] = baseline_window(open_store(j.store), chrom, a, b, j.columns,
-                                                  j.space)
-        if t.peaks:
-            peaks = bed_bin_mask(read_bed(t.peaks, g).get(chrom), a, b, g.bin_size)
+    job = next(j for j in track_jobs if j.method == "model")
+    g, t = job.genome, job.track
+    chrom = g.chroms[0]
+    nb = g.n_bins(chrom)
+    with open_source(local.get(t.path, t.path), g, label=t.track_id, shown=t.path) as src:
+        best, best_at = -np.inf, 0
+        for s in range(0, nb, job.read_bins):
+            v = src.binned(chrom, s, min(s + job.read_bins, nb))
+            if len(v) and v.max() > best:
+                best, best_at = float(v.max()), s + int(np.argmax(v))
+        a = max(0, min(best_at - width // 2, nb - width))
+        b = min(nb, a + width)
+        pval = src.binned(chrom, a, b)
+    panel = {"truth": spaces.to_space(pval, job.space, "pval", np.float32)}
+    for j in track_jobs:
+        if j.method == "model":
+            with open_source(local.get(j.pred_path, j.pred_path), g,
+                             label=f"imputed {t.track_id}", shown=j.pred_path) as src:
+                panel["model"] = spaces.to_space(src.binned(chrom, a, b), j.space,
+                                                 j.pred_space, np.float32)
         else:
-            peaks = call_peaks(pval)
-        out.append({"track_id": t.track_id, "panel": panel, "chrom": chrom, "start_bin": a,
-                    "bin_size": g.bin_size, "peaks": peaks,
-                    "title": f"{t.track_id} ({t.cell_type} {t.assay})", "ylabel": job.space})
-    return out
+            panel[j.method] = baseline_window(open_store(j.store), chrom, a, b, j.columns,
+                                              j.space)
+    if t.peaks:
+        peaks = bed_bin_mask(read_bed(t.peaks, g).get(chrom), a, b, g.bin_size)
+    else:
+        peaks = call_peaks(pval)
+    return {"track_id": t.track_id, "panel": panel, "chrom": chrom, "start_bin": a,
+            "bin_size": g.bin_size, "peaks": peaks,
+            "title": f"{t.track_id} ({t.cell_type} {t.assay})", "ylabel": job.space}
 
 
 # ---------------------------------------------------------------- the command
@@ -437,7 +492,12 @@ def evaluate(
     log(f"evaluate: {len(truth_tracks)} truth tracks, {len(jobs)} evaluations "
         f"({', '.join(f'{m} {sum(j.method == m for j in jobs)}' for m in METHODS)}) over "
         f"{genome.total_bins:,} bins in {space} space.")
-    results = run_jobs(jobs, out, parallel)
+    n_panels, width = 0, 0
+    if plots:  # matplotlib is imported only when plots are drawn
+        from . import plots as _plots
+
+        n_panels, width = _plots.MAX_BROWSERS, _plots.BROWSER_BINS
+    results, browsers = run_jobs(jobs, out, parallel, n_panels, width)
 
     rows = []
     for j, res in zip(jobs, results, strict=True):
@@ -458,9 +518,6 @@ def evaluate(
     }
     files = write_tables(out, cols, rows, summary, doc)
     if plots:
-        from . import plots as _plots
-
-        browsers = browser_panels(jobs, _plots.MAX_BROWSERS, _plots.BROWSER_BINS)
         files.update(_plots.write_all(out, rows, summary, metrics, browsers))
     from .report import write_report
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from . import _faults, owned, runfolder, spaces, storage
-from ._partial import check_complete, done_set, finalise, partial_path
+from ._partial import check_complete, done_set, partial_path
 from .errors import InputError
 from .hub import DEFAULT_EMAIL, check_genome
 from .progress import Progress, log, stage
@@ -163,19 +163,45 @@ def select_supports(store, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cols, cells, assays
 
 
-def compute_dtype(dtype: str | None, gpu: bool) -> str:
-    """The decoder dtype the actors use: ``dtype`` as given, else bf16 on GPUs and on CPUs
-    with native bf16 (as this machine's, assumed alike across the cluster), else float32."""
+def requested_dtype(dtype: str | None) -> str | None:
+    """The compute dtype the run asks of every actor: ``dtype``, else
+    ``EDICE_PREDICT_DTYPE`` (read here, on the driver, and passed on: actors on other nodes
+    do not see the driver's environment), else None, which lets each actor choose from
+    its own device (:func:`edice_dist.predict.resolve_dtype`: bf16 on GPUs and on CPUs
+    with native bf16, float32 elsewhere).
+
+    Raises
+    ------
+    InputError
+        Not a dtype name that predict knows.
+    """
     import torch
 
     from .predict import resolve_dtype
 
-    dev = torch.device("cuda" if gpu else "cpu")
+    dtype = dtype or os.environ.get("EDICE_PREDICT_DTYPE") or None
+    if dtype is None:
+        return None
     try:
-        dt = resolve_dtype(dev, dtype)
+        return str(resolve_dtype(torch.device("cpu"), dtype)).replace("torch.", "")
     except ValueError as e:
         raise InputError(f"--dtype: {e}.") from None
-    return str(dt).replace("torch.", "")
+
+
+def output_dtype(requested: str | None) -> str:
+    """The output store's dtype, fixed before any actor starts: float32 when float32 is
+    asked for (exact results), else float16, which holds bf16 results with room to spare
+    and float32 ones to 2^-11 (BENCHMARKS.md, "Imputation")."""
+    return "float32" if requested == "float32" else "float16"
+
+
+def _actors_line(actors: list[dict]) -> str:
+    """What the actors chose, e.g. ``2 x cpu bfloat16 1 thread``."""
+    kinds: dict[str, int] = {}
+    for a in actors:
+        k = f"{a['device']} {a['dtype']} {a['threads']} thread(s)"
+        kinds[k] = kinds.get(k, 0) + 1
+    return ", ".join(f"{n} x {k}" for k, n in kinds.items())
 
 
 def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | None = None,
@@ -197,8 +223,9 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
     space : bigWig values, ``pval`` (-log10 p) or ``arcsinh``.
     export : write the bigWigs at the end.
     batch_bins : bins per forward batch (default: sized from the number of targets).
-    dtype : decoder compute dtype, ``float32`` or ``bfloat16`` (default: see
-        :func:`compute_dtype`); it also sets the output store's dtype (float32 or float16).
+    dtype : decoder compute dtype, ``float32`` or ``bfloat16`` (default: each actor's
+        choice for its own device, see :func:`requested_dtype`); float32 also makes the
+        output store float32 (else float16, :func:`output_dtype`).
     hub, genome, hub_observed, hub_email : the track hub of the export (see
         :func:`edice_dist.export.export`).
     uncertainty : Monte Carlo dropout samples per bin (0: none, else at least 2): the
@@ -210,7 +237,8 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
     dict
         Summary: ``tracks``, ``bins``, ``target_bins``, ``chunks_total``, ``chunks_computed``,
         ``chunks_skipped``, ``seconds``, ``target_bins_per_s``, ``actor_failures``,
-        ``peak_actor_rss_mib``, ``export`` (the export summary, when run).
+        ``peak_actor_rss_mib``, ``actors`` (each actor's statistics: device, dtype and
+        threads it chose, node, ...), ``export`` (the export summary, when run).
     """
     from .checkpoint import load_meta, model_sha256
     from .store import open_store
@@ -229,6 +257,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
     store, model, out = (p if storage.is_url(p) else os.path.abspath(p) for p in (store, model, out))
     owned.check(out, "run")
     faults = _faults.active()
+    want_dtype = requested_dtype(dtype)
     t0 = time.monotonic()
     n_stages = 3 if export else 2
     stage(1, n_stages, f"plan: store {store}, model {model}, run folder {out}")
@@ -250,7 +279,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
 
     old = runfolder.reconcile(out, info, force)
     final = runfolder.output_path(out)
-    part = partial_path(final)
+    legacy = partial_path(final)  # where an earlier edice-dist wrote it aside
 
     array_keys = {c: st.array_key(c) for c in chrom_list}
     n_bins_total = info["bins"]
@@ -259,7 +288,7 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
                "chunks_total": len(plan), "chunks_computed": 0, "chunks_skipped": len(plan),
                "actor_failures": 0, "peak_actor_rss_mib": None}
     computed_bins = 0
-    if old is not None and storage.exists(final):
+    if old is not None and runfolder.is_complete(final):
         log(f"imputation already complete in {final}; {len(plan)} chunks")
     else:
         import ray
@@ -267,8 +296,12 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
         from . import raycluster
         from .imputepool import WorkerSpec, pool_shape, run_pool
 
-        fresh = old is None or not storage.exists(part)
-        have = set() if fresh else done_set(part)
+        if storage.exists(legacy):
+            log(f"note: {legacy} is an unfinished output of an earlier edice-dist; starting "
+                "the imputation over")
+            storage.remove(legacy)
+        fresh = old is None or not storage.exists(storage.join(final, "zarr.json"))
+        have = set() if fresh else done_set(final)
         todo = [c for c in plan if (array_keys[c.chrom], c.index) not in have]
         summary["chunks_skipped"] = len(plan) - len(todo)
         summary["chunks_computed"] = len(todo)
@@ -280,31 +313,30 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
             n_actors, options, threads = pool_shape(
                 raycluster.cpu_slots(), raycluster.gpu_count(), workers, gpus, node_cpus,
                 autoscaling=bool(os.environ.get("RAY_ADDRESS")))
-            compute_dt = compute_dtype(dtype, gpu=options["num_gpus"] > 0)
+            asked = want_dtype or "auto"
             if fresh:
-                # Storage matches the compute precision: float16 holds bf16 results with
-                # room to spare (BENCHMARKS.md, "Imputation"); float32 results stay exact.
-                out_dt = "float16" if compute_dt == "bfloat16" else "float32"
                 owned.claim(out, "run")
-                runfolder.write(out, {**info, "created": runfolder.now(), "dtype": compute_dt,
-                                      "output_dtype": out_dt})
+                runfolder.write(out, {**info, "created": runfolder.now(), "dtype": asked,
+                                      "output_dtype": output_dtype(want_dtype)})
                 runfolder.create_output(
-                    part, st, chrom_list, recs, st.chunk_bins,
+                    final, st, chrom_list, recs, st.chunk_bins,
                     {"store": store, "model": model, "model_sha256": info["model_sha256"],
                      "uncertainty": uncertainty},
-                    dtype=out_dt, spread=bool(uncertainty))
-            elif old.get("dtype") not in (None, compute_dt):
-                log(f"note: the remaining chunks are computed in {compute_dt}; the first ones "
-                    f"were computed in {old['dtype']}")
+                    dtype=output_dtype(want_dtype), spread=bool(uncertainty))
+            elif old.get("dtype") not in (None, asked):
+                log(f"note: the remaining chunks are computed with dtype {asked}; the first "
+                    f"ones with {old['dtype']}")
             where = f"{n_actors} GPU actor(s)" if options["num_gpus"] else \
-                f"{n_actors} CPU actor(s) x {threads} thread(s)"
+                f"{n_actors} CPU actor(s) of {threads} CPU(s)"
             stage(2, n_stages, f"impute {K} tracks over {len(chrom_list)} chromosome(s): "
                   f"{len(todo)} of {len(plan)} chunks to compute ({len(plan) - len(todo)} done "
-                  f"before) on {where}, {compute_dt}")
-            spec = WorkerSpec(model, store, part, out, cols, cells, assays,
+                  f"before) on {where}, dtype {want_dtype or 'chosen by each actor for its device'}")
+            # The actors decide their device, dtype and threads themselves (where the work
+            # runs: other nodes have other CPUs and GPUs than the driver).
+            spec = WorkerSpec(model, store, final, out, cols, cells, assays,
                               np.array([ci[r["cell_key"]] for r in recs], dtype=np.int64),
                               np.array([ai[r["assay"]] for r in recs], dtype=np.int64),
-                              array_keys, dtype=compute_dt, threads=threads, batch_bins=batch_bins,
+                              array_keys, dtype=want_dtype, batch_bins=batch_bins,
                               samples=uncertainty, faults=faults)
             prog = Progress(len(todo), "imputing", unit="chunks")
             stats = run_pool(spec, todo, n_actors, options, prog)
@@ -312,13 +344,16 @@ def impute(store: str, model: str, out: str, targets=None, chroms: list[str] | N
             if stats["actors"]:
                 summary["peak_actor_rss_mib"] = max(a["peak_rss_mib"] for a in stats["actors"])
                 summary["actors"] = stats["actors"]
+                log(f"actors: {_actors_line(stats['actors'])}")
         else:
             stage(2, n_stages, "every chunk is already computed")
-        check_complete(part, [(array_keys[c.chrom], c.index) for c in plan], "Imputation output")
-        finalise(part, final)
+        check_complete(final, [(array_keys[c.chrom], c.index) for c in plan], "Imputation output")
+        runfolder.mark_complete(final)
         done_info = {**runfolder.read(out), "completed": runfolder.now()}
         if summary.get("actors"):
             done_info["device"] = summary["actors"][0]["device"]
+            done_info["actors"] = [{k: a[k] for k in ("device", "dtype", "threads", "node")}
+                                   for a in summary["actors"]]
         runfolder.write(out, done_info)
     secs = time.monotonic() - t0
     summary["seconds"] = secs

@@ -97,9 +97,9 @@ class WorkerSpec:
     target_cells: np.ndarray
     target_assays: np.ndarray
     array_keys: dict  # chrom -> array key
-    device: str | None = None
-    dtype: str | None = None
-    threads: int | None = None
+    device: str | None = None  # None: the actor's own choice (actor_device)
+    dtype: str | None = None  # None: the actor's own choice for its device
+    threads: int | None = None  # None: the actor's own choice (actor_threads)
     batch_bins: int | None = None
     samples: int = 0  # Monte Carlo dropout samples for the spreads (0: none)
     faults: dict = field(default_factory=dict)  # tests only (edice_dist._faults)
@@ -110,6 +110,54 @@ def _failed(chunk: Chunk, doing: str, path: str, e: BaseException) -> EdiceError
     reaches the driver, which names that chunk rather than another one the actor held."""
     return EdiceError(f"Imputing {chunk.chrom} bins {chunk.start}-{chunk.stop} (chunk "
                       f"{chunk.index}) failed while {doing} {path}: {explain(e)}")
+
+
+def actor_device(spec: WorkerSpec):
+    """This actor's torch device, decided here: a GPU when Ray gave the actor one (and
+    torch sees it), else the CPU.
+
+    Raises
+    ------
+    EdiceError
+        Ray gave the actor a GPU that torch cannot use (a CPU build of torch on a GPU
+        node, a missing driver): computing on the CPU instead would be ~100x slower, so
+        this is an error, unless the test fault ``fake_gpus`` says that the GPUs are
+        fake (tests of GPU scheduling on machines without GPUs).
+    """
+    import ray
+    import torch
+
+    if spec.device is not None:
+        return torch.device(spec.device)
+    gpus = ray.get_gpu_ids()
+    if not gpus:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if spec.faults.get("fake_gpus"):
+        return torch.device("cpu")
+    raise EdiceError(
+        f"Ray gave this imputation actor GPU {gpus[0]} on node "
+        f"{ray.get_runtime_context().get_node_id()[:12]}, but torch {torch.__version__} there "
+        "sees no CUDA device (a CPU build of torch, or no NVIDIA driver). Install the CUDA "
+        "build of torch on the GPU nodes, or run with --gpus 0 to impute on CPUs."
+    )
+
+
+def actor_threads(spec: WorkerSpec, device) -> int:
+    """Torch threads for this actor, from its own node: on a CPU, the CPUs Ray reserved
+    for it (one thread per reserved CPU: BENCHMARKS.md, Imputation); beside a GPU, which
+    does the work, up to 4 of this machine's cores per GPU of its node."""
+    import ray
+
+    if spec.threads:
+        return int(spec.threads)
+    ctx = ray.get_runtime_context()
+    if device.type != "cuda":
+        return max(1, int(ctx.get_assigned_resources().get("CPU", 1)))
+    node = next((n for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), {})
+    per_gpu = len(os.sched_getaffinity(0)) // max(1, int(node.get("Resources", {}).get("GPU", 1)))
+    return max(1, min(4, per_gpu))
 
 
 class ChunkWorker:
@@ -136,13 +184,14 @@ class ChunkWorker:
         import zarr
 
         from .checkpoint import load_model
-        from .predict import prepare, resolve_device
+        from .predict import prepare
         from .store import open_store
 
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
         self.spec = spec
-        device = resolve_device(spec.device)
+        # Device, threads and dtype are this actor's own: its node may have other CPUs
+        # and GPUs than the driver's.
+        device = actor_device(spec)
+        torch.set_num_threads(actor_threads(spec, device))
         model, _ = load_model(spec.model_dir, device)
         self.pred = prepare(model, device, spec.dtype)
         self.store = open_store(spec.store_path)
@@ -199,6 +248,10 @@ class ChunkWorker:
             raise self._init_error
         if _faults.at_chunk(self.spec.faults, "impute_exit_chunk", chunk.chrom, chunk.index):
             _faults.exit_once(self.spec.run_dir, f"{chunk.chrom}\t{chunk.index}")
+        if _faults.at_chunk(self.spec.faults, "impute_lose_node_chunk", chunk.chrom,
+                            chunk.index):
+            _faults.exit_once(self.spec.run_dir, f"{chunk.chrom}\t{chunk.index}",
+                              whole_node=True)
         t0 = time.perf_counter()
         try:
             if self._prefetch is not None and self._prefetch[0] == chunk:
@@ -245,9 +298,11 @@ class ChunkWorker:
         return self._finish_write()
 
     def stats(self) -> dict:
+        import ray
         import torch
 
-        return {"pid": os.getpid(), "peak_rss_mib": _peak_rss_mib(), "chunks": self.n_computed,
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "peak_rss_mib": _peak_rss_mib(), "chunks": self.n_computed,
                 "threads": torch.get_num_threads(), "compiled": self.pred.compiled,
                 "compute_s": self.compute_s, "read_wait_s": self.read_wait_s,
                 "device": str(self.pred.device), "dtype": str(self.pred.dtype).replace("torch.", "")}

@@ -2,20 +2,24 @@
 
 Stages:
 
-1. validate: the manifest, the chromosome sizes and every source's header (Ray tasks);
+1. validate: the manifest, the chromosome sizes and every source's header (Ray tasks;
+   a bigWig in object storage is checked from its header bytes, not downloaded);
    bedGraphs are checked line by line and converted once to bigWig, kept in the
    ``.partial`` folder so that every task reads the same copy;
 2. init: the driver creates every array in ``<out>.partial`` (see :func:`store.create`);
-3. encode: Ray tasks each own a *partition*, a contiguous run of whole chunks of one
-   chromosome; a task opens each source once and streams chunk by chunk (memory: one chunk
-   of all tracks), writes the chunk and then its done marker;
-4. finalise: every marker present -> markers dropped, ``.partial`` renamed to ``out``.
+3. encode: one Ray task per source decodes it once into the track-major scratch
+   (:mod:`edice_dist.scratch`; a source in object storage is downloaded once), then Ray
+   tasks each own a *partition*, a contiguous run of whole chunks of one chromosome,
+   read that block of every track from the scratch and write it transposed, chunk by
+   chunk, each chunk followed by its done marker (memory: one block of all tracks);
+4. finalise: every marker present -> scratch and markers dropped, ``.partial`` renamed
+   to ``out``.
 
-A re-run with the same inputs skips chunks that have markers. ``<out>.partial/_ingest.json``
-holds a fingerprint of the inputs (manifest rows, source sizes and modification times,
-chromosome sizes, chunk size, dtype, codec); a re-run with other inputs starts the partial
-again. The finished store keeps the fingerprint in its attributes, so re-running a
-completed ingest is a no-op.
+A re-run with the same inputs skips sources already decoded and chunks that have
+markers. ``<out>.partial/_ingest.json`` holds a fingerprint of the inputs (manifest rows,
+source sizes and modification times, chromosome sizes, chunk size, dtype, codec); a
+re-run with other inputs starts the partial again. The finished store keeps the
+fingerprint in its attributes, so re-running a completed ingest is a no-op.
 
 The tests interrupt an ingest part-way with the ``ingest_fail_chunk`` fault
 (:mod:`edice_dist._faults`).
@@ -30,7 +34,7 @@ import os
 
 import numpy as np
 
-from . import _faults, _partial, owned, progress, storage
+from . import _faults, _partial, owned, progress, scratch, storage
 from . import store as store_mod
 from .errors import EdiceError, InputError, explain
 from .genome import Genome, read_chrom_sizes
@@ -43,7 +47,7 @@ DTYPES = ("float16", "float32")
 STORE_FILES = frozenset({"zarr.json", "signal"})
 """What a finished store holds; ``--force`` replaces a store only when it holds nothing else."""
 MAX_PARTITION_CHUNKS = 16
-"""Upper bound on chunks per task: enough to amortise opening every source, small
+"""Upper bound on chunks per encode task: enough to amortise a task's start, small
 enough that a lost task costs little and the last tasks finish together."""
 
 
@@ -100,9 +104,12 @@ def _check_sources(items: list[tuple], full_json: list[dict], chroms: list[str],
 
     ``items`` are (column, path, label, converted) with ``converted`` the place for a
     bedGraph's bigWig. Names are checked against the whole chromosome sizes file (a
-    ``--chroms`` subset that a source lacks is zeros, not a naming mismatch). Returns
-    (column, path to read, warnings, error message or None).
+    ``--chroms`` subset that a source lacks is zeros, not a naming mismatch). A bigWig
+    given by URL is checked from its header bytes (:func:`bigwighead.read_header`): its
+    values are read once, by the task that decodes it. Returns (column, path to read,
+    warnings, error message or None).
     """
+    from .bigwighead import read_header
     from .sources import check_chroms, open_source
 
     full = Genome.from_json(full_json, bin_size)
@@ -110,12 +117,14 @@ def _check_sources(items: list[tuple], full_json: list[dict], chroms: list[str],
     for col, path, label, converted in items:
         try:
             done = storage.exists(converted)  # converted by an earlier run, same inputs
-            with open_source(converted if done else path, full, label, shown=path) as s:
+            read = converted if done else path
+            head = read_header(read, label, shown=path) if storage.is_url(read) else None
+            with contextlib.ExitStack() as stack:
+                s = head or stack.enter_context(open_source(read, full, label, shown=path))
                 warnings = check_chroms(s, full, label)
                 if not set(chroms) & set(s.chroms()):
                     warnings.append(f"{path} (track {label}) has no data on "
                                     f"{', '.join(chroms[:5])}: it reads as zeros there.")
-                read = converted if done else path
                 if s.kind == "bedgraph" and not done:
                     storage.upload(s.local, converted)
                     read = converted
@@ -125,74 +134,56 @@ def _check_sources(items: list[tuple], full_json: list[dict], chroms: list[str],
     return out
 
 
-def _raise_nofile(n: int) -> None:
-    """Every source stays open for a whole partition: allow that many files."""
-    with contextlib.suppress(ImportError, ValueError, OSError):
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = n + 256
-        if soft != resource.RLIM_INFINITY and soft < want:
-            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
 def _encode_partition(partial: str, array_key: str, chrom: str, chunks: list[int],
-                      chunk_bins: int, sources: list[tuple[str, str, str]],
-                      genome_json: list[dict], bin_size: int, dtype: str,
-                      faults: dict) -> tuple[int, str | None]:
-    """Fill ``chunks`` of one chromosome's array and mark each done.
+                      chunk_bins: int, n_bins: int, faults: dict) -> tuple[int, str | None]:
+    """Fill ``chunks`` of one chromosome's array from the scratch and mark each done.
 
-    ``sources`` are (path to read, path as the user named it, track label) in column
-    order. Returns (chunks written, error message or None); input errors are returned
-    rather than raised so that the driver prints them as they are.
+    The partition's block of every track is read from the scratch once, then written
+    transposed chunk by chunk. Returns (chunks written, error message or None); input
+    errors are returned rather than raised so that the driver prints them as they are.
     """
     import zarr
 
-    from .sources import open_source
-
-    genome = Genome.from_json(genome_json, bin_size)
-    nb = genome.n_bins(chrom)
     # Every chunk is written, all-zero ones too: a finished store has every chunk file,
     # so that a missing one reads as an error rather than as zeros (store.mark_complete).
     arr = zarr.open_group(storage.zarr_store(partial), mode="r+")["signal"][array_key]
     arr = arr.with_config({"write_empty_chunks": True})
     done = 0  # chunks of this partition now done, by this attempt or by a failed earlier one
-    _raise_nofile(len(sources))
+    left = []
+    for ci in chunks:
+        if _partial.is_done(partial, array_key, ci):  # a retried task
+            done += 1
+        else:
+            left.append(ci)
+    if not left:
+        return done, None
+    lo, hi = left[0] * chunk_bins, min((left[-1] + 1) * chunk_bins, n_bins)
     try:
-        with contextlib.ExitStack() as stack:
-            srcs = [stack.enter_context(open_source(p, genome, label, shown=shown))
-                    for p, shown, label in sources]
-            for ci in chunks:
-                if _partial.is_done(partial, array_key, ci):  # a retried task
-                    done += 1
-                    continue
-                a, b = ci * chunk_bins, min((ci + 1) * chunk_bins, nb)
-                block = np.empty((b - a, len(srcs)), dtype=dtype, order="F")
-                for j, s in enumerate(srcs):
-                    block[:, j] = np.arcsinh(s.binned(chrom, a, b, bin_size))
-                if _faults.at_chunk(faults, "ingest_fail_chunk", chrom, ci):
-                    raise RuntimeError(f"fault injected at {chrom} chunk {ci} ({_faults.ENV})")
-                if _faults.at_chunk(faults, "ingest_exit_chunk", chrom, ci):
-                    _faults.exit_once(partial, f"{chrom}\t{ci}")
-                try:
-                    arr[a:b, :] = np.ascontiguousarray(block)
-                    _partial.mark_done(partial, array_key, ci)
-                except OSError as e:  # a full disk, a read-only store: say where
-                    return done, (f"Writing {chrom} chunk {ci} (bins {a}-{b}) of "
-                                  f"{partial}: {explain(e)}")
-                done += 1
+        block = scratch.read_block(partial, array_key, lo, hi)  # (tracks, bins)
     except EdiceError as e:
         return done, str(e)
+    for ci in left:
+        a, b = ci * chunk_bins, min((ci + 1) * chunk_bins, n_bins)
+        if _faults.at_chunk(faults, "ingest_fail_chunk", chrom, ci):
+            raise RuntimeError(f"fault injected at {chrom} chunk {ci} ({_faults.ENV})")
+        if _faults.at_chunk(faults, "ingest_exit_chunk", chrom, ci):
+            _faults.exit_once(partial, f"{chrom}\t{ci}")
+        try:
+            arr[a:b, :] = np.ascontiguousarray(block[:, a - lo:b - lo].T)
+            _partial.mark_done(partial, array_key, ci)
+        except OSError as e:  # a full disk, a read-only store: say where
+            return done, (f"Writing {chrom} chunk {ci} (bins {a}-{b}) of "
+                          f"{partial}: {explain(e)}")
+        done += 1
     return done, None
 
 
 # ---------------------------------------------------------------- driver
-def _plan(genome: Genome, chroms_json: list[dict], chunk_bins: int, done: set,
-          slots: int) -> tuple[list[tuple[str, str, list[int]]], int, int]:
-    """Partitions (array key, chrom, chunk indices still to do), chunks to do, all chunks."""
+def _plan(chroms_json: list[dict], chunk_bins: int, done: set,
+          per: int) -> tuple[list[tuple[str, str, list[int]]], int, int]:
+    """Partitions (array key, chrom, chunk indices still to do) of ``per`` chunks, one
+    scratch block each; chunks to do; all chunks."""
     total = sum(-(-c["n_bins"] // chunk_bins) for c in chroms_json)
-    per = max(1, min(MAX_PARTITION_CHUNKS, -(-total // (4 * slots))))
     parts, todo = [], 0
     for c in chroms_json:
         n = -(-c["n_bins"] // chunk_bins)
@@ -202,6 +193,36 @@ def _plan(genome: Genome, chroms_json: list[dict], chunk_bins: int, done: set,
                 parts.append((c["array"], c["name"], left))
                 todo += len(left)
     return parts, todo, total
+
+
+def _run_tasks(calls: list[tuple[tuple, str]], task, cap: int, bar, partial: str,
+               out: str, what: str) -> None:
+    """Run ``task.remote(*args)`` for every (args, description) of ``calls``, at most
+    ``cap`` at once; each returns (units done, error message or None). Stops at the first
+    error, waits for the tasks still running, and raises it with what to do."""
+    import ray
+
+    pending, in_flight = list(calls), {}
+    failure: EdiceError | None = None
+    while (pending or in_flight) and failure is None:
+        while pending and len(in_flight) < cap:
+            args, desc = pending.pop(0)
+            in_flight[task.remote(*args)] = desc
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        desc = in_flight.pop(ready[0])
+        try:
+            n, msg = ray.get(ready[0])
+            failure = InputError(msg) if msg else None
+        except Exception as e:  # a bug, or a worker lost more often than max_retries
+            n = 0
+            failure = EdiceError(f"The task for {desc} failed: {explain(e)}")
+        bar.update(n)
+    if failure is not None:
+        _settle(in_flight)
+        raise type(failure)(
+            f"{failure} Nothing was written to {out}; the {what} finished so far are kept "
+            f"in {partial}, and re-running the same command resumes from them."
+        )
 
 
 def _validate_sources(tracks, full, genome, partial, slots) -> list[str]:
@@ -263,7 +284,6 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
         ``out``.
     """
     manifest, chrom_sizes, out = map(storage.absolute, (manifest, chrom_sizes, out))
-    import ray
 
     from . import raycluster
 
@@ -343,47 +363,42 @@ def ingest(manifest: str, chrom_sizes: str, out: str, force: bool = False,
                                                         "chrom_sizes": chrom_sizes}})
     chroms_json = _read_json(storage.join(partial, "zarr.json"))["attributes"]["chroms"]
     done = _partial.done_set(partial)
-    parts, todo, total = _plan(genome, chroms_json, chunk_bins, done, slots)
+    total = sum(-(-c["n_bins"] // chunk_bins) for c in chroms_json)
+    per = scratch.stored_block_chunks(partial) or scratch.block_chunks(
+        len(tracks), chunk_bins, np.dtype(dtype).itemsize, total, slots, MAX_PARTITION_CHUNKS)
+    parts, todo, total = _plan(chroms_json, chunk_bins, done, per)
     if total - todo:
         progress.log(f"  resuming: {total - todo} of {total} chunks already written")
 
-    cap = max(1, min(workers or slots, len(parts) or 1))
-    progress.stage(3, N_STAGES, f"encode {todo} chunks x {len(tracks)} tracks in "
-                   f"{len(parts)} tasks ({cap} at a time)")
-    task = _remote(_encode_partition, num_cpus=1, max_retries=3)
-    srcs = [(read_paths[i], t.path, t.track_id) for i, t in enumerate(tracks)]
-    gj = genome.to_json()
+    cap = max(1, workers or slots)
+    decoded = scratch.decoded(partial) if todo else set(range(len(tracks)))
+    to_decode = [i for i in range(len(tracks)) if i not in decoded]
+    progress.stage(3, N_STAGES, f"encode {todo} chunks x {len(tracks)} tracks: "
+                   f"{len(to_decode)} source(s) to decode once, then {len(parts)} tasks "
+                   f"({cap} at a time)")
+    if to_decode:
+        if not storage.exists(scratch.path(partial)):
+            scratch.create(partial, chroms_json, len(tracks), chunk_bins, per, dtype)
+        gj = genome.to_json()
+        calls = [((partial, i, read_paths[i], tracks[i].path, tracks[i].track_id,
+                   chroms_json, gj, genome.bin_size, dtype),
+                  f"source {tracks[i].path} (track {tracks[i].track_id})") for i in to_decode]
+        _run_tasks(calls, _remote(scratch.decode_source, num_cpus=1, max_retries=3),
+                   min(cap, len(calls)), progress.Progress(len(calls), "decode", unit="sources"),
+                   partial, out, "decoded sources and chunks")
     faults = _faults.active()
-    bar = progress.Progress(todo, "encode", unit="chunks")
-    pending, in_flight = list(parts), {}
-    failure: EdiceError | None = None
-    while (pending or in_flight) and failure is None:
-        while pending and len(in_flight) < cap:
-            key, chrom, idx = pending.pop(0)
-            ref = task.remote(partial, key, chrom, idx, chunk_bins, srcs, gj,
-                              genome.bin_size, dtype, faults)
-            in_flight[ref] = (chrom, idx)
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        chrom, idx = in_flight.pop(ready[0])
-        try:
-            n, msg = ray.get(ready[0])
-            failure = InputError(msg) if msg else None
-        except Exception as e:  # a bug, or a worker lost more often than max_retries
-            n = 0
-            failure = EdiceError(f"The task for {chrom} chunks {idx[0]}..{idx[-1]} failed: "
-                                 f"{explain(e)}")
-        bar.update(n)
-    if failure is not None:
-        _settle(in_flight)
-        raise type(failure)(
-            f"{failure} Nothing was written to {out}; the chunks finished so far are kept "
-            f"in {partial}, and re-running the same command resumes from them."
-        )
+    n_bins = {c["array"]: int(c["n_bins"]) for c in chroms_json}
+    calls = [((partial, key, chrom, idx, chunk_bins, n_bins[key], faults),
+              f"{chrom} chunks {idx[0]}..{idx[-1]}") for key, chrom, idx in parts]
+    _run_tasks(calls, _remote(_encode_partition, num_cpus=1, max_retries=3),
+               min(cap, len(calls) or 1), progress.Progress(todo, "encode", unit="chunks"),
+               partial, out, "chunks")
 
     progress.stage(4, N_STAGES, f"finalise {out}")
     expected = [(c["array"], i) for c in chroms_json
                 for i in range(-(-c["n_bins"] // chunk_bins))]
     _partial.check_complete(partial, expected, "Track store")
+    scratch.remove(partial)
     store_mod.mark_complete(partial)
     storage.remove(storage.join(partial, SOURCES_DIR))
     storage.remove(fp_path)

@@ -187,7 +187,7 @@ def write_all(out: str, rows: list[dict], summary: list[dict], metrics: list[str
     """Every plot of an evaluation; returns ``{file name: path}``.
 
     ``browsers`` are the genome-browser panels to draw, each a dict of ``track_id`` and the
-    arguments of :func:`browser` (see :func:`edice_dist.evaluate.browser_panels`).
+    arguments of :func:`browser` (see :func:`edice_dist.evaluate.run_jobs`).
     """
     files = {"metrics_by_assay.png": assay_bars(summary, metrics,
                                                 storage.join(out, "metrics_by_assay.png"))}

@@ -6,9 +6,11 @@ names; what ``edice impute`` writes, ``edice export`` and ``edice evaluate`` rea
 RUN_DIR/
   run.json            what the run is: store and model fingerprints, targets, chroms, ...
   imputed.zarr/       Zarr v3 group, one array per chromosome: (n_targets, n_bins),
-                      arcsinh(-log10 p); float16 when computed in bf16 (its rounding is
-                      well below bf16's), float32 when computed in float32; written as
-                      imputed.zarr.partial, then renamed
+                      arcsinh(-log10 p); float16 (its rounding is well below the bf16
+                      compute's), float32 when float32 was asked for; compressed
+                      (:func:`output_codecs`); written in place, chunk by chunk, each
+                      followed by its done marker (_done/), and complete only once its
+                      root attribute ``completed`` is written, last
                       (with --uncertainty, one more array per chromosome, <array>_spread:
                       the spread of Monte Carlo dropout samples, arcsinh units)
   bigwig/             <cell_key>-<assay>.bigWig per target (and <...>.spread.bigWig with
@@ -22,9 +24,15 @@ RUN_DIR/
 ``model_sha256``, ``targets`` (records of :func:`target_records`), ``chroms``,
 ``chunk_bins``, ``n_chunks``, ``bins``, ``supports`` (track ids), ``transform``,
 ``uncertainty`` (Monte Carlo samples; only when > 0); then
-``created``, ``dtype`` (compute) and ``output_dtype`` when the output store is made, and
-``completed`` and ``device`` when it is finished. A run resumes only when the keys of
-:data:`COMPAT` are unchanged.
+``created``, ``dtype`` (the compute dtype asked for, ``auto`` when each actor chooses from
+its device) and ``output_dtype`` when the output store is made, and ``completed``,
+``device`` and ``actors`` (device, dtype and threads each actor chose) when it is
+finished. A run resumes only when the keys of :data:`COMPAT` are unchanged.
+
+Why in place: on an object store a rename copies every object (~0.5 TB for 2,000 targets
+over hg38), so the output store is written under its final name and trusted only once
+complete: :func:`finished_output` (the export, ``edice evaluate``'s provenance) refuses a
+store without ``completed``, and ``edice impute`` resumes it from its done markers.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import datetime as _dt
 import json
 
 from . import __version__, storage
-from ._partial import done_set, partial_path
+from ._partial import DONE, done_set, partial_path
 from .errors import EdiceError, InputError
 from .tracks import cell_key, check_distinct_names, check_name, split_cell_key, track_id
 
@@ -46,6 +54,8 @@ BIGWIG = "bigwig"
 BIGWIG_MANIFEST = "manifest.tsv"
 EXPORT_JSON = "export.json"
 SPREAD = "spread"
+COMPLETED = "completed"
+"""Root attribute of a finished output store (when it was finished), written last."""
 COMPAT = ("store_fingerprint", "model_sha256", "targets", "chroms", "chunk_bins", "uncertainty")
 """Run settings that must match to resume a run folder (the rest is informational)."""
 
@@ -111,8 +121,33 @@ def check_targets(records: list[dict], where: str) -> None:
 
 
 def output_path(run_dir: str) -> str:
-    """The finished output store; it is written at :func:`partial_path` of it first."""
+    """The output store, written in place; finished once :func:`is_complete`."""
     return storage.join(run_dir, OUTPUT)
+
+
+def is_complete(out_zarr: str) -> bool:
+    """True when the output store at ``out_zarr`` has its completion record."""
+    meta = storage.join(out_zarr, "zarr.json")
+    if not storage.exists(meta):
+        return False
+    try:
+        attrs = json.loads(storage.read_text(meta)).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return bool(attrs.get(COMPLETED))
+
+
+def mark_complete(out_zarr: str) -> None:
+    """Record that every chunk of the output store is written (callers check the done
+    markers first), then drop the markers: bookkeeping, not part of the result.
+
+    The record is one rewrite of the root ``zarr.json`` (a single PUT on an object store):
+    nothing is copied, whatever the size of the store."""
+    import zarr
+
+    root = zarr.open_group(storage.zarr_store(out_zarr), mode="r+")
+    root.attrs[COMPLETED] = now()
+    storage.remove(storage.join(out_zarr, DONE))
 
 
 def is_run(path: str) -> bool:
@@ -249,11 +284,21 @@ def reconcile(run_dir: str, info: dict, force: bool) -> dict | None:
 # ----------------------------------------------------------------------------- output store
 
 
+def output_codecs(dtype: str) -> list:
+    """The output store's codecs: :func:`edice_dist.store.fast_codecs` (blosc lz4 with
+    bit shuffling, CRC32C), chosen by measurement at 2,000 targets (BENCHMARKS.md,
+    Imputation, output codec)."""
+    from .store import fast_codecs
+
+    return fast_codecs(dtype)
+
+
 def create_output(path: str, store, chroms: list[str], targets: list[dict], chunk_bins: int,
                   attrs: dict, dtype: str = "float32", spread: bool = False):
-    """Create the output group at ``path`` (a ``.partial`` folder): one ``dtype`` array per
-    chromosome, shape (n_targets, n_bins), filled with NaN until computed; with ``spread``
-    a second one per chromosome (:func:`spread_array`) for the spreads.
+    """Create the output group at ``path`` (in place; complete once :func:`mark_complete`
+    has run): one ``dtype`` array per chromosome, shape (n_targets, n_bins), filled with
+    NaN until computed; with ``spread`` a second one per chromosome (:func:`spread_array`)
+    for the spreads.
 
     Each shard is (n_targets, chunk_bins), owned by one writer; its inner chunks are
     (1, chunk_bins) so that the reducer reads one target without decoding the others.
@@ -270,7 +315,8 @@ def create_output(path: str, store, chroms: list[str], targets: list[dict], chun
         cb = min(chunk_bins, max(nb, 1))
         for key in [c["array"], *([spread_array(c["array"])] if spread else [])]:
             root.create_array(key, shape=(K, nb), chunks=(1, cb), shards=(K, cb),
-                              dtype=dtype, fill_value=float("nan"), compressors=None,
+                              dtype=dtype, fill_value=float("nan"),
+                              compressors=output_codecs(dtype),
                               dimension_names=("target", "bin"), write_data=False)
         meta.append({"name": c["name"], "size": int(c["size"]), "n_bins": nb, "array": c["array"]})
     root.attrs.update({"format": OUTPUT_FORMAT, "format_version": FORMAT_VERSION,
@@ -295,12 +341,13 @@ def finished_output(run_dir: str) -> tuple[str, dict]:
     import zarr
 
     out_zarr = output_path(run_dir)
-    if not storage.exists(storage.join(out_zarr, "zarr.json")):
-        if storage.exists(partial_path(out_zarr)):
+    if not is_complete(out_zarr):
+        started = storage.exists(storage.join(out_zarr, "zarr.json"))
+        if started or storage.exists(partial_path(out_zarr)):  # (an older edice's partial)
+            what = OUTPUT if started else partial_path(OUTPUT)
             raise EdiceError(
-                f"The imputation in {run_dir} is not finished ({partial_path(OUTPUT)} "
-                "exists). Run the same `edice impute` command again to complete it; it exports "
-                "at the end."
+                f"The imputation in {run_dir} is not finished ({what} is not complete). Run "
+                "the same `edice impute` command again to complete it; it exports at the end."
             )
         raise InputError(f"{run_dir} holds no imputation output ({out_zarr} is missing). "
                          "Run `edice impute --out RUN_DIR` first.")
@@ -316,12 +363,11 @@ def describe(run_dir: str) -> str:
     if info is None:
         raise InputError(f"{run_dir} has no run.json: it is not an imputation run folder.")
     final = output_path(run_dir)
-    part = partial_path(final)
     n = int(info.get("n_chunks", 0))
-    if storage.exists(final):
+    if is_complete(final):
         done, status = n, "imputation complete"
-    elif storage.exists(part):
-        done, status = len(done_set(part)), "imputation in progress or interrupted (re-run to resume)"
+    elif storage.exists(storage.join(final, "zarr.json")):
+        done, status = len(done_set(final)), "imputation in progress or interrupted (re-run to resume)"
     else:
         done, status = 0, "imputation not started"
     recs = info["targets"]

@@ -22,25 +22,20 @@ import gzip
 import io
 import math
 import os
-import struct
 import tempfile
 
 import numpy as np
 import pyBigWig
 
 from . import BIN_SIZE, storage
+from .bigwighead import BIGWIG_MAGIC, _who, check_layout, local_reader, summary_may_hold_nan
 from .errors import InputError
 from .genome import Genome, _preview
 
-BIGWIG_MAGIC = (b"\x26\xfc\x8f\x88", b"\x88\x8f\xfc\x26")  # 0x888FFC26, either byte order
 BIGBED_MAGIC = (b"\xeb\xf2\x89\x87", b"\x87\x89\xf2\xeb")  # 0x8789F2EB
 GZIP_MAGIC = b"\x1f\x8b"
 BEDGRAPH_SUFFIXES = (".bedgraph", ".bg", ".bedgraph.gz", ".bg.gz")
 _FLUSH_ENTRIES = 200_000  # bedGraph rows buffered per pyBigWig.addEntries call
-
-
-def _who(path: str, label: str | None) -> str:
-    return f"{path} (track {label})" if label else str(path)
 
 
 def detect_format(local_path: str, shown: str | None = None, label: str | None = None) -> str:
@@ -245,46 +240,6 @@ def bedgraph_to_bigwig(path: str, out_local: str, genome: Genome | None = None,
     return dict(header)
 
 
-def _check_bigwig_layout(local: str, who: str) -> None:
-    """Check the header's offsets against the file size before pyBigWig sees the file:
-    libBigWig follows them blindly and crashes the process on a truncated file."""
-    size = os.path.getsize(local)
-    with open(local, "rb") as f:
-        head = f.read(64)
-        order = "<" if head[:4] == BIGWIG_MAGIC[0] else ">"
-        bad = len(head) < 64
-        if not bad:
-            _, _, n_zooms, chrom_tree, data, index = struct.unpack(order + "IHHQQQ", head[:32])
-            zooms = f.read(24 * n_zooms)
-            bad = len(zooms) < 24 * n_zooms or max(chrom_tree, data, index) >= size
-            for k in range(n_zooms if not bad else 0):
-                _, _, z_data, z_index = struct.unpack(order + "IIQQ", zooms[24 * k: 24 * k + 24])
-                bad = bad or max(z_data, z_index) >= size
-    if bad:
-        raise InputError(
-            f"{who} is a truncated or corrupted bigWig ({size:,} bytes; its header points "
-            "past the end of the file). Download or create it again."
-        )
-
-
-def _summary_may_hold_nan(local: str) -> bool:
-    """False when the file's total summary has a finite sum of values (a stored NaN makes
-    it NaN); True when there is no summary or it is NaN."""
-    with open(local, "rb") as f:
-        head = f.read(64)
-        order = "<" if head[:4] == BIGWIG_MAGIC[0] else ">"
-        version = struct.unpack(order + "H", head[4:6])[0]
-        offset = struct.unpack(order + "Q", head[44:52])[0]
-        if version < 2 or offset == 0:
-            return True
-        f.seek(offset)
-        block = f.read(40)
-    if len(block) < 40:
-        return True
-    _, _, _, total, squares = struct.unpack(order + "Qdddd", block)
-    return math.isnan(total) or math.isnan(squares)
-
-
 class Source:
     """An open bigWig (or converted bedGraph) that yields 25 bp bin means.
 
@@ -310,7 +265,7 @@ class Source:
         self.genome = genome
         self._stack = stack
         try:
-            _check_bigwig_layout(local, _who(path, label))
+            check_layout(local_reader(local), os.path.getsize(local), _who(path, label))
         except BaseException:
             stack.close()
             raise
@@ -325,7 +280,7 @@ class Source:
                 "The file may be truncated or corrupted; download or create it again."
             )
         self._bw = bw
-        self._may_hold_nan = _summary_may_hold_nan(local)
+        self._may_hold_nan = summary_may_hold_nan(local_reader(local))
         self._chroms = {str(k): int(v) for k, v in (bw.chroms() or {}).items()}
 
     # -- context management

@@ -62,6 +62,22 @@ def default_codecs(dtype: str = DEFAULT_DTYPE) -> list:
                        typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
 
 
+def fast_codecs(dtype: str = DEFAULT_DTYPE) -> list:
+    """Compressors for arrays written once per run at the rate of the computation (the
+    imputed output, ingest's scratch): blosc lz4 with bit shuffling, then a CRC32C
+    checksum (see :func:`default_codecs`).
+
+    Chosen by ``benchmarks/bench_output_codec.py`` at 2,000 targets (BENCHMARKS.md,
+    Imputation, output codec): 1.67 bytes per float16 prediction against 2.00
+    uncompressed and 1.65 for zstd-3, and ~3x zstd-3's write rate, which matters because
+    one GPU's imputation writes tens of millions of values per second.
+    """
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle",
+                       typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
+
+
 def create(
     path: str,
     genome: Genome,

@@ -405,12 +405,15 @@ def _fit_local(job: WorkerConfig) -> None:
 
 def _fit(job: WorkerConfig, workers: int, cpus: int):
     import ray.train
+    from ray.train.torch import TorchConfig
 
     out = job.out
     storage_path, fs = _ray_storage(storage.join(out, "ray"))
     trainer = _trainer_class()(
         # Bound here so that every worker gets the typed config, not Ray's config dict.
         functools.partial(train_loop, job),
+        # Fake GPUs (a test fault) compute on CPUs, where NCCL cannot run.
+        torch_config=TorchConfig(backend="gloo") if job.faults.get("fake_gpus") else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(

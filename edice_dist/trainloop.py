@@ -161,7 +161,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
         session = RaySession()
     rank, world = session.rank, session.world
     cfg = config.train
-    device = session.device(config.use_gpu)
+    device = session.device(config.use_gpu, bool(config.faults.get("fake_gpus")))
     torch.set_num_threads(config.threads)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -236,6 +236,9 @@ def train_loop(config: WorkerConfig, session=None) -> None:
             steps += 1
             if config.faults.get("train_exit_epoch") == epoch and rank == world - 1:
                 _faults.exit_once(config.out, f"worker {rank} exited during epoch {epoch}")
+            if config.faults.get("train_lose_node_epoch") == epoch and rank == world - 1:
+                _faults.exit_once(config.out, f"the node of worker {rank} was lost during "
+                                  f"epoch {epoch}", whole_node=True)
         train_s = time.perf_counter() - t0
         val = _validate(net, xv, yv, w_avg, in_cells, in_assays, val_cells, val_assays,
                         cfg.batch_size, device, cfg.precision)

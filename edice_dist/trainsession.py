@@ -35,15 +35,33 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
-    def device(self, use_gpu: bool) -> torch.device:
+    def device(self, use_gpu: bool, fake_gpus: bool = False) -> torch.device:
+        """This worker's device, decided here: the GPU Ray Train gave it, which torch
+        must see (a GPU node with a CPU build of torch is an error, not a 100x slower
+        run), or the CPU; ``fake_gpus`` (a test fault) computes on the CPU."""
+        import ray
         import ray.train.torch
 
-        return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        if not use_gpu:
+            return torch.device("cpu")
+        if torch.cuda.is_available():
+            return ray.train.torch.get_device()
+        if fake_gpus:
+            return torch.device("cpu")
+        raise EdiceError(
+            f"Ray gave training worker {self.rank} a GPU on node "
+            f"{ray.get_runtime_context().get_node_id()[:12]}, but torch {torch.__version__} "
+            "there sees no CUDA device (a CPU build of torch, or no NVIDIA driver). Install "
+            "the CUDA build of torch on the GPU nodes, or train with --use_gpu=false."
+        )
 
     def prepare(self, net: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(net)  # DDP when world > 1
+        # DDP when world > 1. The loop has put the model on this worker's own device
+        # (:meth:`device`): Ray's choice would be a GPU that torch cannot use when the
+        # GPUs are fake.
+        return ray.train.torch.prepare_model(net, move_to_device=False)
 
     def restored_state(self) -> dict | None:
         """The checkpoint Ray Train hands back after a worker failure, if any."""
@@ -84,7 +102,7 @@ class LocalSession:
         self.run_dir = storage.join(out, "ray", run_name)
         self.out, self.run_name = out, run_name
 
-    def device(self, use_gpu: bool) -> torch.device:
+    def device(self, use_gpu: bool, fake_gpus: bool = False) -> torch.device:
         return torch.device("cuda", 0) if use_gpu else torch.device("cpu")
 
     def prepare(self, net: torch.nn.Module) -> torch.nn.Module:

@@ -127,8 +127,14 @@ def imputed_paths(imputed: str, truth: list[TruthTrack],
 
 
 def _header(path: str, label: str) -> dict[str, int]:
+    """The chromosomes of a truth or imputed file; a bigWig in object storage is read from
+    its header bytes (the values are fetched once, by the task that evaluates it)."""
+    from .bigwighead import read_header
     from .sources import open_source
 
+    head = read_header(path, label) if storage.is_url(path) else None
+    if head is not None:
+        return head.chroms()
     with open_source(path, label=label) as src:
         return src.chroms()
 

@@ -1,13 +1,19 @@
 """A throwaway S3-compatible server for tests: moto's server on 127.0.0.1.
 
-``S3Server`` starts ``python -m moto.server`` on a free loopback port as a child
-process, creates a bucket and hands out the ``AWS_*`` environment that boto3, s3fs and
-``edice_dist.storage`` read. ``stop()`` ends that child by its own PID only.
+``S3Server`` starts moto's WSGI application (the one ``python -m moto.server`` serves) on
+a free loopback port in a child process, behind a small middleware that counts the bytes
+of every object body it sends; creates a bucket and hands out the ``AWS_*`` environment
+that boto3, s3fs and ``edice_dist.storage`` read. ``bytes_sent()`` returns the counts,
+which is how a test proves that a stage reads each source once. ``stop()`` ends that
+child by its own PID only.
+
+Run as a script (``python s3server.py PORT``) it is that child.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +22,56 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+COUNTS_PATH = "/_edice/bytes-sent"
+"""GET: the bytes sent per object (``{"bucket/key": n}``) as JSON; DELETE: reset them."""
+
+
+class ByteCounter:
+    """WSGI middleware: counts the response body bytes of every GET per object path."""
+
+    def __init__(self, app):
+        import threading
+
+        self.app = app
+        self.sent: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == COUNTS_PATH:
+            if environ["REQUEST_METHOD"] == "DELETE":
+                with self.lock:
+                    self.sent.clear()
+            with self.lock:
+                body = json.dumps(self.sent).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        body = self.app(environ, start_response)
+        if environ["REQUEST_METHOD"] != "GET" or path.startswith("/moto-api"):
+            return body
+        return self._count(path.lstrip("/"), body)
+
+    def _count(self, key, body):
+        try:
+            for part in body:
+                with self.lock:
+                    self.sent[key] = self.sent.get(key, 0) + len(part)
+                yield part
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+
+
+def serve(port: int) -> None:
+    """Serve moto's S3 (and its moto-api) on 127.0.0.1:``port`` behind :class:`ByteCounter`."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import run_simple
+
+    run_simple("127.0.0.1", port, ByteCounter(DomainDispatcherApplication(create_backend_app)),
+               threaded=True)
 
 
 def free_port() -> int:
@@ -67,7 +123,7 @@ class S3Server:
         self.port = free_port()
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, os.path.abspath(__file__), str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env()},
         )
@@ -107,6 +163,17 @@ class S3Server:
                 Bucket=self.bucket, Prefix=prefix):
             out.extend(o["Key"] for o in page.get("Contents", []))
         return sorted(out)
+
+    def bytes_sent(self) -> dict[str, int]:
+        """Object body bytes sent since the start (or :meth:`reset_counts`), per
+        ``bucket/key``, as counted by the server."""
+        with urllib.request.urlopen(self.endpoint + COUNTS_PATH, timeout=10) as r:
+            return json.loads(r.read())
+
+    def reset_counts(self) -> None:
+        req = urllib.request.Request(self.endpoint + COUNTS_PATH, method="DELETE")
+        with urllib.request.urlopen(req, timeout=10):
+            pass
 
     def log(self) -> str:
         if self._log is None:
@@ -148,3 +215,7 @@ def clear_fsspec_cache() -> None:
                 with contextlib.suppress(Exception):
                     fs.close_session(fs.loop, creator)
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

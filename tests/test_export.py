@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pyBigWig
@@ -44,7 +46,8 @@ def make_run(run_dir, seed=0, nan_at=None):
         data[name] = vals
         meta.append({"name": name, "size": size, "n_bins": nb, "array": name})
     root.attrs.update({"format": "edice-imputation", "targets": TARGETS, "bin_size": 25,
-                       "chunk_bins": CHUNK, "chroms": meta, "transform": "arcsinh"})
+                       "chunk_bins": CHUNK, "chroms": meta, "transform": "arcsinh",
+                       "completed": "2026-01-01T00:00:00+00:00"})  # as impute ends it
     return data
 
 
@@ -118,8 +121,15 @@ def test_export_run_folder(tmp_path, ray_local):
 def test_export_needs_a_finished_run(tmp_path):
     with pytest.raises(InputError, match="no imputation output"):
         export(str(tmp_path))
-    os.makedirs(tmp_path / "imputed.zarr.partial")
+    os.makedirs(tmp_path / "imputed.zarr.partial")  # an earlier edice-dist's unfinished run
     with pytest.raises(EdiceError, match="not finished"):
+        export(str(tmp_path))
+    shutil.rmtree(tmp_path / "imputed.zarr.partial")
+    make_run(str(tmp_path))  # written in place, but without its completion record
+    meta = json.loads((tmp_path / "imputed.zarr" / "zarr.json").read_text())
+    del meta["attributes"]["completed"]
+    (tmp_path / "imputed.zarr" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(EdiceError, match=r"not finished \(imputed.zarr is not complete\)"):
         export(str(tmp_path))
     with pytest.raises(InputError, match="space"):
         export(str(tmp_path), space="log")

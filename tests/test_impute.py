@@ -12,7 +12,7 @@ import torch
 import zarr
 from failcheck import changes, cli, paragraph, tree
 
-from edice_dist import _faults
+from edice_dist import _faults, runfolder
 from edice_dist import store as S
 from edice_dist._partial import done_set
 from edice_dist.checkpoint import load_model, save_model
@@ -171,10 +171,12 @@ def test_rerun_computes_only_missing_chunks(world, clean_run, tmp_path, monkeypa
     with pytest.raises(EdiceError, match="stopped"):
         impute(world["store"], world["model"], run, workers=2, export=False,
                dtype="bfloat16")
-    part = os.path.join(run, "imputed.zarr.partial")
+    part = os.path.join(run, "imputed.zarr")  # written in place, complete only when recorded
     done = done_set(part)
     assert 3 <= len(done) < 8
-    assert not os.path.exists(os.path.join(run, "imputed.zarr"))
+    assert not runfolder.is_complete(part)
+    with pytest.raises(EdiceError, match="not finished"):
+        runfolder.finished_output(run)
     assert f"{len(done)}/8 done" in describe_run(run)
 
     log = str(tmp_path / "computed.tsv")
@@ -305,7 +307,7 @@ def test_missing_corrupt_and_unwritable_chunks_name_the_chunk(world, tmp_path, c
     before = tree(tmp_path, skip=("r3",))
     rc, err = _run_cli(world, tmp_path / "r3", capsys, "--no-export")
     line = paragraph(err, "edice impute")
-    part = tmp_path / "r3" / "imputed.zarr.partial"
+    part = tmp_path / "r3" / "imputed.zarr"
     assert rc == 1 and f"chr2 bins 64-128 (chunk 1) failed while writing {part}" in line
     assert "no space is left on the device (ENOSPC)" in line and "replacing it" not in err
     assert changes(before, tree(tmp_path, skip=("r3",))) == []
@@ -352,3 +354,44 @@ def test_untrained_vocabulary_is_refused_or_skipped(world, tmp_path, capsys):
     info = json.loads(open(os.path.join(tmp_path, "run", "run.json")).read())
     assert all(t["cell_key"] != "D" for t in info["targets"]) and s["tracks"] == len(info["targets"])
     assert "warning: not imputing 3 pair(s)" in capsys.readouterr().err
+
+
+def test_actors_choose_their_own_dtype_and_threads(world, ray_local, tmp_path, monkeypatch):
+    """The compute dtype and thread count are decided in each actor from its own device,
+    not from the driver's /proc/cpuinfo: this driver is told that its CPU is the opposite
+    of what it is; the actors (other processes, as on other nodes) see the real CPU and
+    choose by it. The output store's dtype is fixed before they start: float16."""
+    from edice_dist import predict
+
+    real = predict.cpu_has_fast_bf16()
+    monkeypatch.setattr(predict, "cpu_has_fast_bf16", lambda: not real)
+    monkeypatch.delenv("EDICE_PREDICT_DTYPE", raising=False)
+    run = str(tmp_path / "run")
+    s = impute(world["store"], world["model"], run, workers=1, export=False)
+    own = "bfloat16" if real else "float32"
+    assert [a["dtype"] for a in s["actors"]] == [own]
+    assert [a["threads"] for a in s["actors"]] == [2]  # one actor on 2 CPUs: both reserved
+    info = json.loads(open(os.path.join(run, "run.json")).read())
+    assert info["dtype"] == "auto" and [a["dtype"] for a in info["actors"]] == [own]
+    assert read_output(run)["chr1"].dtype == np.float16
+
+
+def test_an_actor_given_a_gpu_that_torch_cannot_see(monkeypatch):
+    """A GPU that Ray assigned but torch cannot use (a CPU build of torch on a GPU node) is
+    an error naming the fix, not a silent 100x slower run on the CPU; the tests' fake GPUs
+    (fault ``fake_gpus``) compute on the CPU."""
+    import ray
+
+    from edice_dist.imputepool import WorkerSpec, actor_device
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type(
+        "Ctx", (), {"get_node_id": lambda self: "ab" * 28})())
+    spec = WorkerSpec("m", "s", "o", "r", *([np.zeros(1, dtype=np.int64)] * 5), {})
+    with pytest.raises(EdiceError, match="sees no CUDA device.*CUDA build of torch"):
+        actor_device(spec)
+    spec.faults = {"fake_gpus": True}
+    assert actor_device(spec).type == "cpu"
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert actor_device(WorkerSpec("m", "s", "o", "r", *([np.zeros(1)] * 5), {})).type == "cpu"

@@ -21,6 +21,7 @@ from edice_dist.jobconfig import load_job_config, run_stages, stages_for
 from edice_dist.preflight import preflight
 
 sys.path.insert(0, str(Path(__file__).parent))
+from rayhead import RayHead  # noqa: E402
 from s3server import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -456,124 +457,6 @@ def check_exported_bigwigs(consortium: Path, bigwig_dir: Path) -> dict[str, np.n
         assert v.std() > 0
         values[name] = v
     return values
-
-
-class RayHead:
-    """A real Ray head node (`ray start --head --block`) on 127.0.0.1 with ports of its
-    own, in a temp folder, with token authentication. Stopped through its own PID (its
-    `--block` process takes its Ray processes down), never with `ray stop`, which would
-    also stop other Ray clusters on the machine."""
-
-    def __init__(self, num_cpus: int = 2, extra_env: dict | None = None):
-        import secrets
-        import tempfile
-
-        self.tmp = tempfile.mkdtemp(prefix="edray-", dir="/tmp")  # short: socket paths
-        self.token = secrets.token_hex(16)
-        self.ports = {k: free_port() for k in ("gcs", "dashboard", "client", "agent_http",
-                                                "agent_grpc", "runtime_env", "metrics",
-                                                "node_manager", "object_manager")}
-        self.num_cpus = num_cpus
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
-                   RAY_USAGE_STATS_ENABLED="0",
-                   # A one-node cluster: Ray then resolves "localhost" to 127.0.0.1 rather
-                   # than to this machine's network address, so all traffic stays on loopback.
-                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                   PATH=os.path.dirname(PY) + os.pathsep + env.get("PATH", ""))
-        env.update(extra_env or {})
-        self.env = env
-        self.proc = None
-        self.address = f"http://127.0.0.1:{self.ports['dashboard']}"
-
-    def start(self, timeout: float = 90) -> RayHead:
-        import urllib.error
-        import urllib.request
-
-        p = self.ports
-        cmd = [os.path.join(os.path.dirname(PY), "ray"), "start", "--head", "--block",
-               "--node-ip-address=127.0.0.1", f"--port={p['gcs']}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={p['dashboard']}",
-               f"--ray-client-server-port={p['client']}",
-               f"--dashboard-agent-listen-port={p['agent_http']}",
-               f"--dashboard-agent-grpc-port={p['agent_grpc']}",
-               f"--runtime-env-agent-port={p['runtime_env']}",
-               f"--metrics-export-port={p['metrics']}",
-               f"--node-manager-port={p['node_manager']}",
-               f"--object-manager-port={p['object_manager']}",
-               f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-               f"--object-store-memory={200 * 2**20}", f"--temp-dir={self.tmp}",
-               "--disable-usage-stats"]
-        self._log = open(os.path.join(self.tmp, "head.log"), "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                urllib.request.urlopen(self.address + "/api/version", timeout=2)
-                return self
-            except urllib.error.HTTPError:
-                return self  # the dashboard answers (401 without a token): it is up
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Ray head did not come up:\n{self.log()}") from None
-                time.sleep(0.5)
-
-    def job(self, submission_id: str) -> dict | None:
-        """The job's record from the dashboard's REST API (with the token); None when
-        there is no such job."""
-        import urllib.error
-        import urllib.request
-
-        req = urllib.request.Request(f"{self.address}/api/jobs/{submission_id}",
-                                     headers={"Authorization": f"Bearer {self.token}"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            raise
-
-    def ray_cli(self, *args: str, env: dict | None = None, timeout: float = 120):
-        return subprocess.run([os.path.join(os.path.dirname(PY), "ray"), *args],
-                              capture_output=True, text=True, timeout=timeout,
-                              env=env or self.env, cwd=REPO)
-
-    def log(self) -> str:
-        try:
-            return Path(self.tmp, "head.log").read_text()[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        import shutil
-        import signal
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the session started above
-                self.proc.wait(timeout=30)
-        # Anything of this head that outlived it (found by its unique temp folder).
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmdline = Path("/proc", pid, "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if self.tmp in cmdline:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self._log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

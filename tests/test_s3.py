@@ -307,3 +307,122 @@ def test_pipeline_on_s3_equals_local(s3, tmp_path, ray_local):
         for chrom in va:
             assert np.isfinite(va[chrom]).all() and va[chrom].std() > 0
             np.testing.assert_allclose(va[chrom], vb[chrom], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ each source read once
+
+# Enough chunks for several encode partitions (the old ingest downloaded every source in
+# every partition), and bigWigs with zoom levels, as real ones have.
+ONCE_SIM = {"seed": 3, "chrom_sizes": "chr1:700007,chr2:500011", "n_cell_types": 6,
+            "n_tissues": 2, "assays": "H3K4me3,H3K27ac,H3K4me1,H3K36me3",
+            "core_assays": "H3K4me3,H3K4me1,H3K36me3", "n_test": 3}
+RATIO = 1.25  # bytes served per source byte, at most (issue 12)
+
+
+def _job_env(s3) -> dict:
+    """A fresh process's environment for a stage on S3 (its own Ray reads AWS_*)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(s3.env())
+    return env
+
+
+def _edice(s3, *args: str, timeout: int = 300) -> str:
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "edice_dist", *args], env=_job_env(s3),
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-6000:]
+    return r.stderr
+
+
+def _served(s3, sent: dict[str, int], prefix: str) -> dict[str, tuple[int, int]]:
+    """{key: (bytes served, object size)} of every object under ``prefix``."""
+    sizes = {o["Key"]: o["Size"] for page in s3.client().get_paginator(
+        "list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+        for o in page.get("Contents", [])}
+    return {k: (sent.get(f"{s3.bucket}/{k}", 0), n) for k, n in sizes.items()}
+
+
+@pytest.fixture(scope="module")
+def once(s3, tmp_path_factory):
+    """A consortium on S3, ingested from S3 into S3 by `edice ingest` in a fresh process,
+    with the bytes the server sent during the ingest."""
+    from edice_dist.simulate import SimConfig, simulate
+
+    cons = tmp_path_factory.mktemp("once") / "consortium"
+    simulate(str(cons), SimConfig.from_overrides({k: str(v) for k, v in ONCE_SIM.items()}))
+    client = s3.client()
+    for f in sorted(p for p in cons.rglob("*") if p.is_file()):
+        client.upload_file(str(f), s3.bucket, f"once/in/{f.relative_to(cons)}")
+    s3.reset_counts()
+    err = _edice(s3, "ingest", s3.url("once/in/manifest.tsv"), "--chrom-sizes",
+                 s3.url("once/in/chrom.sizes"), "--out", s3.url("once/store"),
+                 "--chunk-bins", "1024")
+    return {"cons": cons, "sent": s3.bytes_sent(), "log": err}
+
+
+@pytest.mark.slow
+def test_ingest_reads_each_source_once(s3, once, tmp_path, ray_local):
+    """Every bigWig of the manifest is fetched from object storage about once (its header
+    bytes for validation, its body once by the task that decodes it), however many encode
+    partitions the store has; the store equals one ingested from local disk."""
+    import zarr
+
+    from edice_dist.ingest import ingest
+
+    served = _served(s3, once["sent"], "once/in/bigwig/")
+    assert len(served) >= 15
+    parts = int(once["log"].split("source(s) to decode once, then ")[1].split()[0])
+    assert parts >= 4  # several encode tasks, each of which needs every track
+    total = sum(n for n, _ in served.values()) / sum(size for _, size in served.values())
+    worst = max(n / size for n, size in served.values())
+    assert all(n >= size for n, size in served.values())  # each was read, in full
+    assert total <= RATIO and worst <= RATIO, (total, worst)
+    print(f"ingest: {len(served)} sources, {parts} encode tasks: served {total:.3f}x the "
+          f"sources' bytes (worst source {worst:.3f}x)")
+
+    local = str(tmp_path / "local.zarr")
+    ingest(str(once["cons"] / "manifest.tsv"), str(once["cons"] / "chrom.sizes"), local,
+           chunk_bins=1024)
+    a = zarr.open_group(storage.zarr_store(s3.url("once/store"), read_only=True), mode="r")
+    b = zarr.open_group(local, mode="r")
+    names = sorted(k for k, _ in b["signal"].arrays())
+    assert names == ["chr1", "chr2"]
+    for name in names:
+        np.testing.assert_array_equal(a["signal"][name][:], b["signal"][name][:])
+    assert not any("_scratch" in k or ".partial" in k for k in s3.keys("once/store"))
+
+
+@pytest.mark.slow
+def test_evaluate_reads_each_bigwig_once(s3, once, tmp_path):
+    """`edice evaluate` on S3 with a store (so each truth track has a model and an AVG
+    evaluation) and plots (browser panels read the tracks too) fetches every truth and
+    imputed bigWig about once: headers by byte range on the driver, values once in the
+    task that evaluates the track."""
+    import csv
+
+    cons = once["cons"]
+    truth = list(csv.DictReader(open(cons / "truth" / "targets.tsv"), delimiter="\t"))
+    observed = list(csv.DictReader(open(cons / "manifest.tsv"), delimiter="\t"))
+    client = s3.client()
+    for t in truth:  # stand-in imputations: another cell type's track of the same assay
+        src = next(o for o in observed if o["assay"] == t["assay"])
+        client.upload_file(str(cons / src["path"]), s3.bucket,
+                           f"once/run/bigwig/{t['cell_type']}-{t['assay']}.bigWig")
+    s3.reset_counts()
+    _edice(s3, "evaluate", "--truth", s3.url("once/in/truth/targets.tsv"), "--imputed",
+           s3.url("once/run/bigwig"), "--store", s3.url("once/store"), "--out",
+           s3.url("once/evaluation"))
+    sent = s3.bytes_sent()
+    served = {**{k: v for k, v in _served(s3, sent, "once/in/truth/").items()
+                 if k.endswith(".bigWig")}, **_served(s3, sent, "once/run/bigwig/")}
+    assert len(served) == 2 * len(truth)
+    total = sum(n for n, _ in served.values()) / sum(size for _, size in served.values())
+    worst = max(n / size for n, size in served.values())
+    assert all(n >= size for n, size in served.values())
+    assert total <= RATIO and worst <= RATIO, (total, worst)
+    print(f"evaluate: {len(served)} bigWigs: served {total:.3f}x their bytes (worst "
+          f"{worst:.3f}x)")
+    metrics = _body(s3, "once/evaluation/metrics.tsv").decode()
+    assert metrics.count("\tmodel\t") == len(truth) and metrics.count("\tAVG\t") == len(truth)
+    assert "once/evaluation/report.html" in s3.keys("once/evaluation/")
