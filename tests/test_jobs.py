@@ -311,7 +311,7 @@ def test_run_stages_passes_the_config_on(tmp_path, inputs, monkeypatch):
                         {"targets": "A:H3K27ac", "chroms": None, "force": False, "workers": None,
                          "gpus": 0, "space": "arcsinh", "export": True, "batch_bins": 256,
                          "dtype": None, "hub": True, "genome": "hg19", "hub_observed": "copy",
-                         "hub_email": "nobody@example.org"})
+                         "hub_email": "nobody@example.org", "uncertainty": 0})
 
 
 def test_train_resume_flag(tmp_path, inputs, monkeypatch):

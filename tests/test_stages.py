@@ -133,13 +133,14 @@ def test_impute_options_reach_impute(calls, tmp_path, capsys):
     want = {"targets": "A:H3K27ac", "chroms": ["chr1", "chr2"], "force": True, "workers": 2,
             "gpus": 0, "batch_bins": 128, "dtype": "float32", "space": "arcsinh",
             "export": False, "hub": False, "genome": "hg19", "hub_observed": "link",
-            "hub_email": "me@lab.org"}
+            "hub_email": "me@lab.org", "uncertainty": 4}
 
     assert _cli(["impute", "--store", tmp_path / "s", "--model", tmp_path / "m", "--out",
                  tmp_path / "r", "--targets", "A:H3K27ac", "--chroms", "chr1", "chr2", "--force",
                  "--workers", "2", "--gpus", "0", "--batch-bins", "128", "--dtype", "float32",
                  "--space", "arcsinh", "--no-export", "--no-hub", "--genome", "hg19",
-                 "--hub-observed", "link", "--hub-email", "me@lab.org"], capsys)[0] == 0
+                 "--hub-observed", "link", "--hub-email", "me@lab.org", "--uncertainty", "4"],
+                capsys)[0] == 0
     assert _only(calls, "impute")[1] == want
     # The bug of issue 11: --impute.gpus, .space and .chroms were accepted and ignored.
     assert _cli(_pipeline(tmp_path, "--impute.targets=A:H3K27ac", "--impute.chroms=chr1,chr2",
@@ -147,7 +148,8 @@ def test_impute_options_reach_impute(calls, tmp_path, capsys):
                           "--impute.batch_bins=128", "--impute.dtype=float32",
                           "--impute.space=arcsinh", "--impute.export=false",
                           "--impute.hub=false", "--impute.genome=hg19",
-                          "--impute.hub_observed=link", "--impute.hub_email=me@lab.org"),
+                          "--impute.hub_observed=link", "--impute.hub_email=me@lab.org",
+                          "--impute.uncertainty=4"),
                 capsys)[0] == 0
     assert _only(calls, "impute")[1] == want
     _job(tmp_path, impute={**want, "chroms": "chr1 chr2"})
