@@ -23,13 +23,11 @@ from edice_dist.sampler import (
 )
 
 
-@pytest.fixture(scope="module")
-def bin_store(tmp_path_factory):
+def _indexed_store(path: str, **kw):
     """A float32 store whose column 0 holds each bin's genome-wide index, so that every
-    sampled row can be traced back to its bin; column 1 its chromosome number."""
-    path = str(tmp_path_factory.mktemp("sampler") / "store")
-    st, truth = make_store(path, n_cells=4, n_assays=3, chrom_bins=(2100, 1337, 50),
-                           chunk_bins=256, splits={(1, 1): "val", (2, 0): "test"})
+    sampled row can be traced back to its bin; column 1 its chromosome number. Returns the
+    open store and {chrom: (n_bins, T) values}."""
+    st, truth = make_store(path, **kw)
     root = zarr.open_group(storage.zarr_store(path), mode="r+")
     off = 0
     for i, c in enumerate(st.genome.chroms):
@@ -42,6 +40,13 @@ def bin_store(tmp_path_factory):
         truth[c] = data
         off += n
     return store_mod.open_store(path), truth
+
+
+@pytest.fixture(scope="module")
+def bin_store(tmp_path_factory):
+    return _indexed_store(str(tmp_path_factory.mktemp("sampler") / "store"), n_cells=4,
+                          n_assays=3, chrom_bins=(2100, 1337, 50), chunk_bins=256,
+                          splits={(1, 1): "val", (2, 0): "test"})
 
 
 def _genome_table(st, truth):
@@ -233,21 +238,10 @@ def test_avg_weights_match_a_loop():
 
 @pytest.fixture(scope="module")
 def wide_store(tmp_path_factory):
-    """A 600,000-bin genome (39 store chunks of 16,384 bins) whose column 0 holds each
-    bin's genome-wide index."""
-    path = str(tmp_path_factory.mktemp("wide") / "store")
-    st, _ = make_store(path, n_cells=2, n_assays=2, chrom_bins=(300_000, 200_000, 100_000),
-                       chunk_bins=16384)
-    root = zarr.open_group(storage.zarr_store(path), mode="r+")
-    off = 0
-    for i, c in enumerate(st.genome.chroms):
-        n = st.genome.n_bins(c)
-        arr = root["signal"][store_mod.array_key(c, i)]
-        data = np.asarray(arr[:])
-        data[:, 0] = np.arange(off, off + n)
-        arr[:] = data
-        off += n
-    return store_mod.open_store(path)
+    """A 600,000-bin genome (39 store chunks of 16,384 bins), column 0 each bin's index."""
+    return _indexed_store(str(tmp_path_factory.mktemp("wide") / "store"), n_cells=2,
+                          n_assays=2, chrom_bins=(300_000, 200_000, 100_000),
+                          chunk_bins=16384)[0]
 
 
 def _regions(st, ids, region_bins=16384):
