@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vs_reference.py [--sim DIR] [--workdir DIR] \\
         [--reference /path/to/eDICE --reference-python /path/to/refenv/bin/python] \\
-        [--threads N] [--json OUT.json]
+        [--threads N] [--variants paper default] [--json OUT.json]
 
 Same data, same settings, one run after another on this machine:
 
@@ -25,6 +25,13 @@ Same data, same settings, one run after another on this machine:
   ``--threads``), the epoch's bins/s and CPU from inside their process, start-up from the
   launch to the first training batch, prediction with ``model.predict`` over batches of 256
   bins built like their ``ValInMemGenerator`` (compute only, after a warm-up).
+
+Our models: ``paper`` (``context=none``: the reference's arithmetic exactly, the
+side-by-side rows) and ``default`` (what new runs train: local-context channels), each
+trained, timed and predicted as above. Every prediction (ours in float32 and in the default
+dtype, the reference's) is scored on the 28 held-out tracks against the truth bigWigs
+(MSE and GWcorr in arcsinh space, clipped at 0 as exported): the accuracy side of a
+faster path.
 
 The table gives ratios ours / reference (> 1: ours is faster). The machine's load average
 is printed at the start and the end: the box is shared, and ratios from a loaded box mean
@@ -66,6 +73,10 @@ SIM_ARGS = ["--n_cell_types=20", "--n_test=28", "--other_fraction=0.55",
 
 SETTINGS = {"embed_dim": 64, "n_heads": 4, "ffn_dim": 128, "decoder_hidden": 512,
             "decoder_layers": 2, "n_targets": 30, "batch_size": 256, "epochs": 1}
+
+VARIANTS = {"paper": {"context": "none"}, "default": {}}
+"""``paper``: the reference's arithmetic exactly (the side-by-side rows); ``default``: the
+model new runs get (local-context channels), timed the same way for the record."""
 
 
 def _cpu_self() -> float:
@@ -184,7 +195,7 @@ def run_ours_prediction(model_dir: str, export: dict, chunk_bins: int, dtype) ->
 
     model, _ = checkpoint.load_model(model_dir, "cpu")
     z = np.load(export["path"])
-    x = z["x"]
+    x = _with_context(z["x"], export["chrom_bins"], tuple(model.cfg.context))
     tc, ta = z["cell_ids"], z["assay_ids"]
     qc, qa = z["target_cell_ids"], z["target_assay_ids"]
     sup = np.arange(x.shape[1])
@@ -207,6 +218,34 @@ def run_ours_prediction(model_dir: str, export: dict, chunk_bins: int, dtype) ->
             "predictions": np.concatenate(out, axis=1)}
 
 
+def _with_context(x: np.ndarray, chrom_bins: list[int], context: tuple[int, ...]) -> np.ndarray:
+    """``x`` (n_bins, T) with the model's context channels, chromosome by chromosome (the
+    windows are cut at chromosome ends, as ``edice impute`` cuts them)."""
+    from edice_dist.context import window_means
+
+    if not context:
+        return x
+    parts, lo = [], 0
+    for n in chrom_bins:
+        parts.append(window_means(x[lo:lo + n], context, 0, 0))
+        lo += n
+    return np.concatenate(parts)
+
+
+def held_out_scores(sim: str, store: str, preds: dict[str, np.ndarray]) -> dict:
+    """MSE and GWcorr over the held-out tracks of each (K, n_bins) prediction, against
+    the truth bigWigs read with pyBigWig (clipped at 0, as exported bigWigs are)."""
+    from edice_dist.store import open_store
+
+    genome = open_store(store).genome
+    truth = np.stack([ref.read_truth_bins(p, genome) for _, _, p in ref.truth_targets(sim)])
+    out = {}
+    for name, p in preds.items():
+        s = ref.score_tracks(p, truth)
+        out[name] = {"mse": s["mse"], "gwcorr": s["gwcorr"]}
+    return out
+
+
 # -- the table --------------------------------------------------------------------------------
 
 def _fmt(v, digits: int = 0) -> str:
@@ -215,7 +254,9 @@ def _fmt(v, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
-def table(ours: dict, refr: dict | None) -> str:
+def table(ours: dict, refr: dict | None, scores: dict | None = None) -> str:
+    """One row per figure; ``ours`` a variant's figures, ``scores`` the held-out MSE of
+    its predictions (``f32``, ``default``) and the reference's (``reference``)."""
     e = ours["train"]["epochs"][0]
     rows = [
         ("training, the epoch itself: bins/s", e["bins_per_s"], None, 0),
@@ -243,6 +284,14 @@ def table(ours: dict, refr: dict | None) -> str:
             # Rates: ours / reference; times (seconds): reference / ours, so > 1 is ours faster.
             ratio = f"{(o / r) if i < 4 else (r / o):.2f}x"
         lines.append(f"| {name} | {_fmt(r, d)} | {_fmt(o, d)} | {ratio} |")
+    if scores:
+        r = scores.get("reference")
+        ref_cell = f"{r['mse']:.4f} / {r['gwcorr']:.3f}" if r else "-"
+        for key, label in (("f32", "float32"), ("default", ours["predict_default"]["dtype"])):
+            o = scores[key]
+            ratio = f"{o['mse'] / r['mse']:.3f} (MSE ours / reference)" if r else "-"
+            lines.append(f"| held-out MSE / GWcorr, {label} predictions | {ref_cell} | "
+                         f"{o['mse']:.4f} / {o['gwcorr']:.3f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -260,52 +309,66 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="TensorFlow intra/inter-op threads (default: TensorFlow's own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="our models to time (default: both)")
     p.add_argument("--json", default=None, help="write every figure here")
     args = p.parse_args(argv)
     if bool(args.reference) != bool(args.reference_python):
         p.error("--reference and --reference-python go together")
 
+    from edice_dist.store import open_store
+
     load_start = os.getloadavg()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
           f"({os.cpu_count()} CPUs)", flush=True)
     store = ensure_consortium(args.sim)
+    st = open_store(store)
     os.makedirs(args.workdir, exist_ok=True)
     settings = {**SETTINGS, "seed": args.seed}
     targets = [(c, a) for c, a, _ in ref.truth_targets(args.sim)]
     rsettings = ref.ReferenceSettings(**settings, tracks="plan", threads=args.threads)
     export = ref.export_tracks(store, targets, args.workdir, rsettings)
+    export["chrom_bins"] = [st.genome.n_bins(c) for c in st.genome.chroms]
     print(f"data: {export['n_bins']:,} bins, {len(export['columns'])} input tracks, "
           f"{len(targets)} targets; settings {settings}", flush=True)
 
-    model_dir = os.path.join(args.workdir, "ours-model")
-    ours = {"train": run_ours_training(store, model_dir, settings,
-                                       os.path.join(args.workdir, "ours-train.log"))}
-    e = ours["train"]["epochs"][0]
-    print(f"ours: epoch {e['bins_per_s']:,.0f} bins/s, "
-          f"{_fmt(e.get('bins_per_cpu_s'))} bins per CPU-s", flush=True)
-    from edice_dist.store import open_store
-
-    chunk = open_store(store).chunk_bins
-    ours["predict_f32"] = run_ours_prediction(model_dir, export, chunk, "float32")
-    ours["predict_default"] = run_ours_prediction(model_dir, export, chunk, None)
-    for k in ("predict_f32", "predict_default"):
-        ours[k].pop("predictions")
-        print(f"ours: prediction {ours[k]['dtype']} "
-              f"{ours[k]['target_bins_per_s']:,.0f} target-bins/s", flush=True)
+    runs, preds = {}, {}
+    for v in args.variants:
+        vs = {**settings, **VARIANTS[v]}
+        model_dir = os.path.join(args.workdir, f"ours-{v}")
+        ours = {"settings": vs,
+                "train": run_ours_training(store, model_dir, vs,
+                                           os.path.join(args.workdir, f"ours-{v}-train.log"))}
+        e = ours["train"]["epochs"][0]
+        print(f"ours ({v}): epoch {e['bins_per_s']:,.0f} bins/s, "
+              f"{_fmt(e.get('bins_per_cpu_s'))} bins per CPU-s", flush=True)
+        ours["predict_f32"] = run_ours_prediction(model_dir, export, st.chunk_bins, "float32")
+        ours["predict_default"] = run_ours_prediction(model_dir, export, st.chunk_bins, None)
+        for k, short in (("predict_f32", "f32"), ("predict_default", "default")):
+            preds[f"{v}:{short}"] = ours[k].pop("predictions")
+            print(f"ours ({v}): prediction {ours[k]['dtype']} "
+                  f"{ours[k]['target_bins_per_s']:,.0f} target-bins/s", flush=True)
+        runs[v] = ours
 
     refr = None
     if args.reference:
         refr = ref.run_reference(args.reference, args.reference_python, store, targets,
                                  rsettings, os.path.join(args.workdir, "reference"))
+        preds["reference"] = refr["predictions"]
         t = refr["timings"]
         print(f"reference: epoch {t['epochs'][0]['bins_per_s']:,.0f} bins/s, prediction "
               f"{t['predict']['target_bins_per_s']:,.0f} target-bins/s; "
-              f"{t['n_parameters']:,} parameters (ours {ours['predict_f32']['n_parameters']:,})",
-              flush=True)
+              f"{t['n_parameters']:,} parameters", flush=True)
 
     load_end = os.getloadavg()
-    print()
-    print(table(ours, refr))
+    scores = held_out_scores(args.sim, store, preds)
+    for v, ours in runs.items():
+        print(f"\n{v} ({ours['predict_f32']['n_parameters']:,} parameters; settings "
+              f"{ours['settings']}):\n")
+        sc = {"f32": scores[f"{v}:f32"], "default": scores[f"{v}:default"],
+              "reference": scores.get("reference")}
+        print(table(ours, refr, sc))
+        ours["held_out"] = sc
     print()
     if refr is None:
         print("(no --reference: our figures only)")
@@ -316,9 +379,10 @@ def main(argv: list[str] | None = None) -> None:
                "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": load_end,
                "settings": settings, "sim_seed": SIM_SEED, "sim_args": SIM_ARGS,
                "export": {k: v for k, v in export.items() if k != "targets"},
-               "ours": ours,
+               "ours": runs,
                "reference": None if refr is None else {
-                   "timings": refr["timings"], "settings": refr["settings"]}}
+                   "timings": refr["timings"], "settings": refr["settings"],
+                   "held_out": scores.get("reference")}}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
 

@@ -26,6 +26,7 @@ non-deterministic CUDA kernels make runs close but not bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import os
@@ -120,7 +121,8 @@ def train(store: str, out: str, cfg: TrainConfig, resume: bool = False,
     if tracks is not None:
         record["selection"] = tracks.to_dict()
     loop = {"kind": "train", "model": cfg.model_config(len(cells), len(assays))}
-    return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
+    return _select_then_refit(st, out, cfg, plan, cells, assays, record, loop, resume,
+                              in_process)
 
 
 FINETUNE_DEFAULTS = {"lr": 1e-4, "epochs": 10, "patience": 3}
@@ -197,7 +199,48 @@ def finetune(model_dir: str, store: str, out: str, config_file: str | None = Non
     new_c, new_a = len(cells) - base.cfg.n_cells, len(assays) - base.cfg.n_assays
     if new_c or new_a:
         log(f"fine-tuning adds {new_c} cell type(s) and {new_a} assay(s) to the vocabulary")
-    return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
+    return _select_then_refit(st, out, cfg, plan, cells, assays, record, loop, resume,
+                              in_process)
+
+
+SELECT_DIR = "select"
+"""Where a refit run keeps its model-selection run (a model folder of its own)."""
+
+
+def _select_then_refit(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan,
+                       cells: list[str], assays: list[str], record: dict, loop: dict,
+                       resume: bool, in_process: bool) -> dict:
+    """:func:`_run`, or with ``cfg.refit`` two runs: model selection on the held-out
+    validation tracks into ``out/select``, then the refit into ``out``: the same seed and
+    settings on every observed track (the validation tracks become supports and targets)
+    for the selected run's best number of epochs, keeping the last. Its validation MSE,
+    on tracks it trained on, is in-sample; the record keeps the selection's."""
+    if not cfg.refit or not plan.val:
+        return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
+    owned.check(out, "model")
+    old = checkpoint.read_record(out)
+    if (resume and old is not None and old.get("status") == "finished"
+            and cfg.epochs > int(old["config"]["epochs"])):
+        raise InputError(f"{out} holds a refit model (refit=true), which cannot be trained "
+                         "further: its epochs were chosen by its selection run. Train a new "
+                         "--out folder with a larger epochs.")
+    owned.claim(out, "model")
+    sel_cfg = dataclasses.replace(cfg, refit=False)
+    sel = _run(st, storage.join(out, SELECT_DIR), sel_cfg, plan, cells, assays,
+               {**record, "config": sel_cfg.to_dict()}, loop, resume, in_process)
+    epochs = int(sel["best_epoch"])
+    every = sorted(plan.inputs + plan.val)
+    refit_plan = TrackPlan(every, plan.val, plan.val_source, plan.n_targets,
+                           None if plan.targets is None else sorted(plan.targets + plan.val))
+    log(f"{record['kind']}: refit on all {len(every)} observed tracks (the {len(plan.val)} "
+        f"validation tracks included) for the selected {epochs} epoch(s)")
+    record = {**record, "refit": {"folder": SELECT_DIR, "epochs": epochs,
+                                  "best_val_mse": sel["best_val_mse"]}}
+    res = _run(st, out, dataclasses.replace(cfg, epochs=epochs, patience=epochs), refit_plan,
+               cells, assays, record, {**loop, "keep_last": True,
+                                       "val_input_cols": plan.inputs}, False, in_process)
+    return {**res, "best_epoch": epochs, "best_val_mse": sel["best_val_mse"],
+            "selection": sel}
 
 
 def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: list[str],
@@ -512,6 +555,10 @@ def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, as
         "restores": m.get("restores", []),
         "trained": _now(),
     }
+    if "refit" in record:
+        # What the epoch count was chosen on; this run's own validation is in-sample.
+        info["refit"] = {**record["refit"], "in_sample_val_mse": best_row["val_mse"]}
+        info["best_val_mse"] = record["refit"]["best_val_mse"]
     if job.base_model:
         info["parent_model"] = job.base_model
         info["frozen"] = ["cell_embed.table (old rows)", "assay_embed.table (old rows)",
@@ -521,8 +568,13 @@ def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, as
     checkpoint.write_record(out, {**record, "status": "finished", "epochs_run": int(m["epoch"]),
                                   "best_epoch": best_epoch, "best_val_mse": best_row["val_mse"],
                                   "updated": _now()})
-    log(f"{record['kind']}: done after {m['epoch']} epochs; best epoch {best_epoch} (val MSE "
-        f"{best_row['val_mse']:.4f}, Pearson {best_row['val_pearson']:.3f}; AVG baseline MSE "
-        f"{best_row['avg_mse']:.4f}) saved as {storage.join(out, 'model.pt')}")
+    if "refit" in record:
+        log(f"{record['kind']}: refit done after {m['epoch']} epochs (selection's val MSE "
+            f"{record['refit']['best_val_mse']:.4f}; in-sample now {best_row['val_mse']:.4f}) "
+            f"saved as {storage.join(out, 'model.pt')}")
+    else:
+        log(f"{record['kind']}: done after {m['epoch']} epochs; best epoch {best_epoch} (val "
+            f"MSE {best_row['val_mse']:.4f}, Pearson {best_row['val_pearson']:.3f}; AVG "
+            f"baseline MSE {best_row['avg_mse']:.4f}) saved as {storage.join(out, 'model.pt')}")
     return {"model_dir": out, "status": "trained", "best_epoch": best_epoch,
             "best_val_mse": best_row["val_mse"], "epochs_run": int(m["epoch"])}

@@ -64,6 +64,10 @@ class WorkerConfig:
     new_cell_like : for fine-tuning, per new cell row the base rows it starts from
         (:func:`edice_dist.model.extend_vocab`).
     target_cols : the input columns that may be training targets (all when None).
+    val_input_cols : the supports of validation (``input_cols`` when None); a refit trains
+        on its validation tracks, and validates with the selection run's supports.
+    keep_last : a refit: every epoch counts as the best, no early stop (the number of
+        epochs was chosen by the selection run).
     faults : test-only faults (:mod:`edice_dist._faults`).
     """
 
@@ -90,6 +94,8 @@ class WorkerConfig:
     n_base_assays: int = 0
     new_cell_like: list[list[int]] | None = None
     target_cols: list[int] | None = None
+    val_input_cols: list[int] | None = None
+    keep_last: bool = False
     faults: dict = field(default_factory=dict)
 
 
@@ -173,6 +179,10 @@ def train_loop(config: WorkerConfig, session=None) -> None:
     ta = np.asarray(config.track_assays, dtype=np.int64)
     in_cells = torch.from_numpy(tc[inputs]).to(device)
     in_assays = torch.from_numpy(ta[inputs]).to(device)
+    vin = inputs if config.val_input_cols is None else np.asarray(config.val_input_cols,
+                                                                   dtype=np.int64)
+    vin_cells = torch.from_numpy(tc[vin]).to(device)
+    vin_assays = torch.from_numpy(ta[vin]).to(device)
     val_cells = torch.from_numpy(tc[val_cols]).to(device)
     val_assays = torch.from_numpy(ta[val_cols]).to(device)
 
@@ -212,8 +222,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
             "targets": (sampler.columns if targets is None else sampler.columns[targets]).tolist(),
             "val": val_cols.tolist()}
     vplan = validation_plan(st, cfg.val_bins, cfg.seed)
-    xv, yv = read_validation(st, vplan, inputs, val_cols, rank, world, context=ctx)
-    w_avg = avg_weights(tc[inputs], ta[inputs], tc[val_cols], ta[val_cols])
+    xv, yv = read_validation(st, vplan, vin, val_cols, rank, world, context=ctx)
+    w_avg = avg_weights(tc[vin], ta[vin], tc[val_cols], ta[val_cols])
 
     for epoch in range(start, cfg.epochs + 1):
         torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))  # dropout
@@ -240,7 +250,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                 _faults.exit_once(config.out, f"the node of worker {rank} was lost during "
                                   f"epoch {epoch}", whole_node=True)
         train_s = time.perf_counter() - t0
-        val = _validate(net, xv, yv, w_avg, in_cells, in_assays, val_cells, val_assays,
+        val = _validate(net, xv, yv, w_avg, vin_cells, vin_assays, val_cells, val_assays,
                         cfg.batch_size, device, cfg.precision)
         agg = _all_reduce(torch.cat([val, torch.stack([loss_sum, torch.tensor(
             float(steps), dtype=torch.float64, device=device)])]))
@@ -248,11 +258,11 @@ def train_loop(config: WorkerConfig, session=None) -> None:
         metrics["train_loss"] = float(agg[8] / max(agg[9], 1))
         metrics["bins_per_s"] = steps * (cfg.batch_size // world) * world / max(train_s, 1e-9)
         metrics["seconds"] = time.perf_counter() - t0
-        improved = metrics["val_mse"] < best_mse - cfg.min_delta
+        improved = config.keep_last or metrics["val_mse"] < best_mse - cfg.min_delta
         if improved:
             best_epoch, best_mse = epoch, metrics["val_mse"]
         stale = epoch - max(best_epoch, patience_from)
-        stopped = stale >= cfg.patience and epoch < cfg.epochs
+        stopped = stale >= cfg.patience and epoch < cfg.epochs and not config.keep_last
         row = {"epoch": epoch, **{k: metrics[k] for k in HISTORY_COLUMNS[1:-1]},
                "best": int(improved)}
         history.append(row)

@@ -3,6 +3,7 @@ killed worker, reproducibility, resume, fine-tuning and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -533,3 +534,45 @@ def test_the_best_epoch_is_kept_not_the_last(small_store, ray_local, tmp_path, m
     assert kept["meta"]["epoch"] == 2 and kept["meta"]["best_val_mse"] == 0.5
     assert _same(kept["state_dict"], _epoch_state(out, 2))
     assert not _same(kept["state_dict"], _epoch_state(out, 3))
+
+
+def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local, tmp_path,
+                                                         monkeypatch):
+    """refit=true: selection scripted best at epoch 2 of 3, then the refit's own (in-sample)
+    validation scripted to improve at every epoch but the last. The final model must be the
+    refit's epoch 2 (not its best-scored epoch 1, not the selection's model), and it must
+    have read the validation tracks as supports and targets."""
+    from edice_dist import trainloop
+
+    scripted = iter([0.9, 0.5, 0.7, 0.3, 0.4])
+    real = trainloop._val_metrics
+    monkeypatch.setattr(trainloop, "_val_metrics",
+                        lambda s: {**real(s), "val_mse": next(scripted)})
+    out = str(tmp_path / "model")
+    cfg = load_config(None, {**TINY, "seed": "5", "bins_per_epoch": "1024", "epochs": "3",
+                             "patience": "5", "workers": "1", "refit": "true"})
+    res = train(small_store, out, cfg)
+    assert res["best_epoch"] == 2 and res["best_val_mse"] == 0.5
+    kept = _state(os.path.join(out, "model.pt"))
+    meta = kept["meta"]
+    assert meta["refit"]["epochs"] == 2 and meta["refit"]["best_val_mse"] == 0.5
+    assert meta["epochs_run"] == 2 and meta["epoch"] == 2  # epoch 1 scored better
+    assert [r["val_mse"] for r in meta["history"]] == [0.3, 0.4]
+    assert _same(kept["state_dict"], _epoch_state(out, 2))
+    selected = _state(os.path.join(out, "select", "model.pt"))
+    assert not _same(kept["state_dict"], selected["state_dict"])
+
+    st = open_store(small_store)
+    ids = st.track_ids()
+    val = {ids[i] for i in st.split_indices("val")}
+    train_ids = {ids[i] for i in st.split_indices("train")}
+    assert val and set(selected["meta"]["val_tracks"]) == val
+    assert not val & set(selected["meta"]["data"]["inputs"]["tracks"])
+    assert set(meta["data"]["inputs"]["tracks"]) == train_ids | val
+    assert set(meta["data"]["targets"]["tracks"]) == train_ids | val
+    assert not {ids[i] for i in st.split_indices("test")} & set(meta["data"]["inputs"]["tracks"])
+
+    again = train(small_store, out, cfg)
+    assert again["status"] == "done"
+    with pytest.raises(InputError, match="refit"):
+        train(small_store, out, dataclasses.replace(cfg, epochs=5), resume=True)
