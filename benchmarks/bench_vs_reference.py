@@ -26,9 +26,10 @@ Same data, same settings, one run after another on this machine:
   launch to the first training batch, prediction with ``model.predict`` over batches of 256
   bins built like their ``ValInMemGenerator`` (compute only, after a warm-up).
 
-Our models: ``paper`` (``context=none``: the reference's arithmetic exactly, the
-side-by-side rows) and ``default`` (what new runs train: local-context channels), each
-trained, timed and predicted as above. Every prediction (ours in float32 and in the default
+Our models (:data:`VARIANTS`): ``paper`` (``context=none``: the reference's arithmetic
+exactly, the side-by-side rows), ``paper_fp32`` (the same trained in float32 throughout)
+and ``default`` (what new runs train: local-context channels), each trained, timed and
+predicted as above. Every prediction (ours in float32 and in the default
 dtype, the reference's) is scored on the 28 held-out tracks against the truth bigWigs
 (MSE and GWcorr in arcsinh space, clipped at 0 as exported): the accuracy side of a
 faster path.
@@ -74,9 +75,12 @@ SIM_ARGS = ["--n_cell_types=20", "--n_test=28", "--other_fraction=0.55",
 SETTINGS = {"embed_dim": 64, "n_heads": 4, "ffn_dim": 128, "decoder_hidden": 512,
             "decoder_layers": 2, "n_targets": 30, "batch_size": 256, "epochs": 1}
 
-VARIANTS = {"paper": {"context": "none"}, "default": {}}
-"""``paper``: the reference's arithmetic exactly (the side-by-side rows); ``default``: the
-model new runs get (local-context channels), timed the same way for the record."""
+VARIANTS = {"paper": {"context": "none"}, "paper_fp32": {"context": "none", "precision": "float32"},
+            "default": {}}
+"""``paper``: the reference's arithmetic exactly (the side-by-side rows), trained as by
+default (``precision=auto``: the decoder's products in bf16 on CPUs that have it);
+``paper_fp32``: the same in float32 throughout (the accuracy cost of the bf16 products);
+``default``: the model new runs get (local-context channels)."""
 
 
 def _cpu_self() -> float:

@@ -91,7 +91,9 @@ def effective_n_targets(n_targets: int, n_columns: int, max_fraction: float) -> 
 
 
 def draw_targets(rng: np.random.Generator, n_rows: int, n_columns: int,
-                 n_targets: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 n_targets: int, allowed: np.ndarray | None = None,
+                 cells: np.ndarray | None = None,
+                 mask_cells: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """A random subset of ``n_targets`` columns per row, vectorised.
 
     Parameters
@@ -99,6 +101,14 @@ def draw_targets(rng: np.random.Generator, n_rows: int, n_columns: int,
     allowed : (n_columns,) bool, optional
         The columns that may be targets (all when None); the others are always supports.
         The draw is the same as without it where every column is allowed.
+    cells : (n_columns,) int, optional
+        The cell of each column, for ``mask_cells``.
+    mask_cells : float
+        Share of the rows at which every column of one random cell is a target (up to
+        ``n_targets`` of them), the rest of the targets drawn as usual: the model then
+        sees cells with no support, as a cell type never measured is at imputation.
+        Only cells whose columns may all be targets are picked. With 0 the draw is
+        exactly the one without it.
 
     Returns
     -------
@@ -114,6 +124,15 @@ def draw_targets(rng: np.random.Generator, n_rows: int, n_columns: int,
             raise ValueError(f"{n_targets} targets per row but only {int(allowed.sum())} "
                              "columns may be targets")
         noise[:, ~allowed] = 2.0  # uniform noise is < 1: never among the smallest
+    if mask_cells > 0:
+        cells = np.asarray(cells)
+        blocked = np.unique(cells[~allowed]) if allowed is not None else []
+        eligible = np.setdiff1d(np.unique(cells), blocked)
+        if len(eligible):
+            rows = rng.random(n_rows) < mask_cells
+            pick = eligible[rng.integers(len(eligible), size=n_rows)]
+            # Below the others' [0, 1) noise: the whole cell is drawn first.
+            noise[rows[:, None] & (cells[None, :] == pick[:, None])] -= 1.0
     target = np.argpartition(noise, n_targets - 1, axis=1)[:, :n_targets].astype(np.int64)
     support = np.ones((n_rows, n_columns), dtype=bool)
     np.put_along_axis(support, target, False, axis=1)
@@ -186,13 +205,19 @@ class TrainSampler:
     targets : (T,) bool, optional
         Which of ``columns`` may be targets (all when None); the others are supports at
         every bin (fine-tuning on one individual's tracks with the others as inputs).
+    cells, mask_cells : see :func:`draw_targets` (``cells`` per training column).
     """
 
     def __init__(self, store: TrackStore, columns, n_targets: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, bins_per_epoch: int | None = None,
                  buffer_bins: int = BUFFER_BINS, block_bins: int | None = None,
-                 context: tuple[int, ...] = (), targets=None):
+                 context: tuple[int, ...] = (), targets=None, cells=None,
+                 mask_cells: float = 0.0):
         self.columns = np.asarray(columns, dtype=np.int64)
+        if mask_cells and (cells is None or len(cells) != len(self.columns)):
+            raise ValueError("mask_cells needs the cell of each training column")
+        self.cells = None if cells is None else np.asarray(cells, dtype=np.int64)
+        self.mask_cells = float(mask_cells)
         if self.columns.ndim != 1 or len(self.columns) < 2:
             raise ValueError("TrainSampler needs at least 2 training columns")
         self.targets = None if targets is None else np.asarray(targets, dtype=bool)
@@ -254,7 +279,8 @@ class TrainSampler:
                 pool = pool[rng.permutation(len(pool))]
             x = pool[-B:].astype(np.float32)
             pool = pool[:-B]
-            target, support = draw_targets(rng, B, T, self.n_targets, self.targets)
+            target, support = draw_targets(rng, B, T, self.n_targets, self.targets,
+                                           self.cells, self.mask_cells)
             y = np.take_along_axis(x[..., 0] if self.context else x, target, axis=1)
             yield Batch(torch.from_numpy(x), torch.from_numpy(support),
                         torch.from_numpy(target), torch.from_numpy(y))

@@ -49,6 +49,7 @@ from .trackplan import (  # noqa: F401 - holdout_tracks: part of this module's i
 )
 from .trainconfig import (
     ARCH_KEYS,
+    LATER_KEYS,
     RESUMABLE,
     TrainConfig,
     describe_config,
@@ -63,7 +64,7 @@ from .trainsession import run_local
 def _diff(old: dict, new: dict) -> list[str]:
     """Human-readable differences between two run records' config and data."""
     out = []
-    oc, nc = old.get("config", {}), new.get("config", {})
+    oc, nc = {**LATER_KEYS, **old.get("config", {})}, {**LATER_KEYS, **new.get("config", {})}
     for k in sorted(set(oc) | set(nc)):
         if k not in RESUMABLE and oc.get(k) != nc.get(k):
             out.append(f"{k} {oc.get(k)!r} -> {nc.get(k)!r}")
@@ -218,12 +219,6 @@ def _select_then_refit(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPl
     if not cfg.refit or not plan.val:
         return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
     owned.check(out, "model")
-    old = checkpoint.read_record(out)
-    if (resume and old is not None and old.get("status") == "finished"
-            and cfg.epochs > int(old["config"]["epochs"])):
-        raise InputError(f"{out} holds a refit model (refit=true), which cannot be trained "
-                         "further: its epochs were chosen by its selection run. Train a new "
-                         "--out folder with a larger epochs.")
     owned.claim(out, "model")
     sel_cfg = dataclasses.replace(cfg, refit=False)
     sel = _run(st, storage.join(out, SELECT_DIR), sel_cfg, plan, cells, assays,
@@ -234,11 +229,15 @@ def _select_then_refit(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPl
                            None if plan.targets is None else sorted(plan.targets + plan.val))
     log(f"{record['kind']}: refit on all {len(every)} observed tracks (the {len(plan.val)} "
         f"validation tracks included) for the selected {epochs} epoch(s)")
-    record = {**record, "refit": {"folder": SELECT_DIR, "epochs": epochs,
-                                  "best_val_mse": sel["best_val_mse"]}}
-    res = _run(st, out, dataclasses.replace(cfg, epochs=epochs, patience=epochs), refit_plan,
-               cells, assays, record, {**loop, "keep_last": True,
-                                       "val_input_cols": plan.inputs}, False, in_process)
+    # The refit's own record says how many epochs it trains: a selection resumed to a later
+    # best epoch then continues the refit from its last checkpoint, which is the same as
+    # refitting for the new number of epochs from the start (every epoch is seeded).
+    ref_cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs)
+    record = {**record, "config": ref_cfg.to_dict(),
+              "refit": {"folder": SELECT_DIR, "epochs": epochs,
+                        "best_val_mse": sel["best_val_mse"]}}
+    res = _run(st, out, ref_cfg, refit_plan, cells, assays, record,
+               {**loop, "keep_last": True, "val_input_cols": plan.inputs}, resume, in_process)
     return {**res, "best_epoch": epochs, "best_val_mse": sel["best_val_mse"],
             "selection": sel}
 

@@ -41,6 +41,9 @@ ARCH_KEYS = tuple(f.name for f in fields(Architecture))
 # Keys that may change when a run is resumed: they do not change what was learnt so far.
 RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
                        "cpus_per_worker", "max_failures"})
+# Keys added after model folders began recording their config, with the value that runs
+# recorded without them had: a folder from before a key was added still resumes.
+LATER_KEYS = {"refit": False, "mask_cells": 0.0}
 
 
 @dataclass
@@ -55,6 +58,9 @@ class TrainConfig(Architecture):
     context: tuple[int, ...] = (4, 20, 100)
     n_targets: int = 120  # targets per bin (paper: 120) ...
     max_target_fraction: float = 0.5  # ... but at most this share of the training tracks
+    # Share of training bins where one random cell has every track as a target (no
+    # supports): for imputing a cell type with no observed track (leave-tissue-out).
+    mask_cells: float = 0.0
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50
@@ -85,7 +91,7 @@ class TrainConfig(Architecture):
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise InputError(f"Config key {k} must be a positive integer or auto, got {v}.")
-        for k in ("decoder_dropout", "attn_dropout"):
+        for k in ("decoder_dropout", "attn_dropout", "mask_cells"):
             if not 0 <= getattr(self, k) < 1:
                 raise InputError(f"Config key {k} must be in [0, 1), got {getattr(self, k)}.")
         for k in ("max_target_fraction", "val_fraction"):

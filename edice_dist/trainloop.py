@@ -215,7 +215,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
     targets = None if config.target_cols is None else np.isin(inputs, config.target_cols)
     sampler = TrainSampler(st, inputs, config.n_targets, cfg.batch_size // world, cfg.seed,
                            rank, world, cfg.bins_per_epoch, cfg.buffer_bins, context=ctx,
-                           targets=targets)
+                           targets=targets, cells=tc[inputs], mask_cells=cfg.mask_cells)
     # What this worker reads, as it reads it: the model folder records it (model.json
     # "data"), so that a test can check from the data which tracks a model saw.
     seen = {"inputs": sampler.columns.tolist(),

@@ -84,6 +84,39 @@ def test_draw_targets_only_from_the_allowed_columns():
         draw_targets(np.random.default_rng(3), 2, 6, 3, allowed & (np.arange(6) < 3))
 
 
+def test_mask_cells_hides_whole_cells_at_the_asked_share_of_rows():
+    """Cells 0..3 with 3, 2, 3, 2 columns; 4 targets per row. At about 30 % of the rows
+    one whole cell has no support left; elsewhere (and with mask_cells 0) whole cells go
+    unsupported only as often as a uniform draw makes them."""
+    cells = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    n = 20000
+
+    def whole_cell_rows(support, only=None):
+        rows = np.zeros(len(support), bool)
+        for c in np.unique(cells) if only is None else only:
+            rows |= ~support[:, cells == c].any(axis=1)
+        return rows
+
+    _, plain = draw_targets(np.random.default_rng(4), n, 10, 4)
+    base = whole_cell_rows(plain).mean()
+    _, masked = draw_targets(np.random.default_rng(4), n, 10, 4, cells=cells, mask_cells=0.3)
+    got = whole_cell_rows(masked).mean()
+    # P(row masked) = 0.3 + 0.7 * (chance a uniform draw of the rest empties a cell).
+    assert abs(got - (0.3 + 0.7 * base)) < 0.02 and got > base + 0.15
+    # mask_cells 0: the same draw as without cells.
+    a = draw_targets(np.random.default_rng(5), 50, 10, 4, cells=cells, mask_cells=0.0)
+    b = draw_targets(np.random.default_rng(5), 50, 10, 4)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    # Only cells whose columns may all be targets are hidden whole: cell 1 has a
+    # support-only column, so it is never emptied; the others are, about equally.
+    allowed = np.ones(10, bool)
+    allowed[4] = False
+    _, m2 = draw_targets(np.random.default_rng(6), n, 10, 4, allowed, cells, 0.9)
+    assert m2[:, 4].all()
+    shares = [whole_cell_rows(m2, [c]).mean() for c in (0, 2, 3)]
+    assert min(shares) > 0.25 and max(shares) - min(shares) < 0.05
+
+
 def test_effective_n_targets_caps_to_a_fraction():
     assert effective_n_targets(120, 1014, 0.5) == 120  # paper scale: as asked
     assert effective_n_targets(120, 55, 0.5) == 27  # small consortium: half at most
