@@ -20,10 +20,11 @@ Shapes (their assays include the broad repressive marks H3K9me3 and H3K27me3):
 - ``B``: 30 cell types x 8 assays, 5 Mbp (200,000 bins), 30 held-out tracks.
 
 Variants are training configs (``VARIANTS``): ``default`` is what ``edice train`` does
-unless told otherwise; ``paper`` is the paper's model (no context channels); ``refit`` is
-the default retrained on every observed track, validation tracks included, for the best
-epoch's number of epochs (its final model sees at most the others' bin-samples; the
-selection run before it costs as much again).
+unless told otherwise (local context, then the refit on every observed track for the
+selected number of epochs: its final model sees at most the others' bin-samples, and the
+selection run before it costs as much again); ``selection`` is the default without the
+refit (the model chosen on the held-out validation tracks); ``paper`` is the paper's model
+(no context channels), without the refit.
 Prints per consortium and overall: the mean over held-out tracks of MSE, GWcorr, MSE on
 peaks (``mse_fg``), MSE on the truth's top 1 % (``mse1obs``), AUPRC, and the MSE of the
 broad marks, for every method; and on how many tracks each variant beats AVG.
@@ -55,8 +56,8 @@ SMALL = {"embed_dim": "64", "decoder_hidden": "512", "n_targets": "30", "epochs"
          "bins_per_epoch": "60000", "batch_size": "256", "seed": "1"}
 VARIANTS = {
     "default": {},
-    "paper": {"context": "none"},
-    "refit": {"refit": "true"},
+    "selection": {"refit": "false"},
+    "paper": {"context": "none", "refit": "false"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
 METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "auprc")

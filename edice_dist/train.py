@@ -219,6 +219,7 @@ def _select_then_refit(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPl
     if not cfg.refit or not plan.val:
         return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
     owned.check(out, "model")
+    _preflight(st, cfg, plan, in_process)
     owned.claim(out, "model")
     sel_cfg = dataclasses.replace(cfg, refit=False)
     sel = _run(st, storage.join(out, SELECT_DIR), sel_cfg, plan, cells, assays,
@@ -289,10 +290,7 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
     elif resume:
         log(f"{kind}: nothing to resume in {out}; starting a new run")
 
-    use_gpu, workers, cpus, local = _resources(cfg, in_process)
-    # Fails here, not on every worker, when the genome is too small for the batches.
-    TrainSampler(st, plan.inputs, plan.n_targets, cfg.batch_size // workers, cfg.seed, 0,
-                 workers, cfg.bins_per_epoch, cfg.buffer_bins)
+    use_gpu, workers, cpus, local = _preflight(st, cfg, plan, in_process)
     record = {**record, "status": "running", "patience_from": patience_from,
               "updated": _now()}
     owned.claim(out, "model")
@@ -327,6 +325,17 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
     else:
         _fit(job, workers, cpus)
     return _finalise(out, record, plan, st, cells, assays, job)
+
+
+def _preflight(st: TrackStore, cfg: TrainConfig, plan: TrackPlan,
+               in_process: bool) -> tuple[bool, int, int, bool]:
+    """The run's resources (:func:`_resources`), refused before anything is written when
+    the cluster or the genome cannot hold them."""
+    use_gpu, workers, cpus, local = _resources(cfg, in_process)
+    # Fails here, not on every worker, when the genome is too small for the batches.
+    TrainSampler(st, plan.inputs, plan.n_targets, cfg.batch_size // workers, cfg.seed, 0,
+                 workers, cfg.bins_per_epoch, cfg.buffer_bins)
+    return use_gpu, workers, cpus, local
 
 
 def _now() -> str:

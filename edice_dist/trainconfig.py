@@ -75,7 +75,7 @@ class TrainConfig(Architecture):
     val_bins: int = 20000  # fixed validation bins (all when the genome is smaller)
     # Retrain on every observed track, validation tracks included, for the best epoch's
     # number of epochs: the model selected on held-out tracks, then fitted to all of them.
-    refit: bool = False
+    refit: bool = True
     max_failures: int = 3  # worker failures Ray Train recovers from (from the last checkpoint)
     buffer_bins: int = 65536  # bins in each worker's mixing buffer (batches mix ~buffer/1024 regions)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 products where native

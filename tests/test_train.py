@@ -243,11 +243,13 @@ def _numpy_val_check(store_path: str, model_dir: str) -> tuple[float, float]:
 
 
 def test_training_beats_avg_and_survives_a_killed_worker(sim_store, tmp_path, monkeypatch):
+    """The selection run itself (refit=false): the model kept is the best epoch on the
+    held-out validation tracks, which it never trained on."""
     out = str(tmp_path / "model")
     cfg = load_config(None, {"embed_dim": "32", "ffn_dim": "32", "decoder_hidden": "128",
                              "lr": "3e-3", "epochs": "3", "bins_per_epoch": "12000",
                              "batch_size": "64", "val_bins": "3000", "workers": "2",
-                             "seed": "0", "max_failures": "2"})
+                             "seed": "0", "max_failures": "2", "refit": "false"})
     monkeypatch.setenv(_faults.ENV, json.dumps({"train_exit_epoch": 2}))
     res = train(sim_store, out, cfg)
     assert res["status"] == "trained"
@@ -527,7 +529,7 @@ def test_the_best_epoch_is_kept_not_the_last(small_store, ray_local, tmp_path, m
     monkeypatch.setattr(trainloop, "_val_metrics", val_metrics)
     out = str(tmp_path / "model")
     cfg = load_config(None, {**TINY, "seed": "5", "bins_per_epoch": "1024", "epochs": "3",
-                             "patience": "5", "workers": "1"})
+                             "patience": "5", "workers": "1", "refit": "false"})
     res = train(small_store, out, cfg)
     assert res["best_epoch"] == 2 and res["epochs_run"] == 3
     kept = _state(os.path.join(out, "model.pt"))
