@@ -2,12 +2,15 @@
 
 ```
 MODEL_DIR/
-  model.pt, model.json   the model to use (best validation loss): state dict + metadata;
-                         model.json is the metadata without weights, for people and `edice info`
+  model.pt, model.json   the model to use (best validation loss, or with refit the refit's
+                         last epoch): state dict + metadata; model.json is the metadata
+                         without weights, for people and `edice info`
   history.tsv            one line per epoch (written by training)
   train.json             the training run's config, data and status ("running" / "finished")
   ray/run-NNN/epoch_EEEE/  per-epoch checkpoints (state.pt, metrics.json) of each
                          invocation; Ray Train keeps the best and the latest per run
+  select/                with refit (the default): the model-selection run, a model
+                         folder of its own; the folder above is the refit on every track
 ```
 """
 
