@@ -219,6 +219,12 @@ def _select_then_refit(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPl
     if not cfg.refit or not plan.val:
         return _run(st, out, cfg, plan, cells, assays, record, loop, resume, in_process)
     owned.check(out, "model")
+    old = checkpoint.read_record(out)
+    if old is not None and old.get("status") != "finished" and not checkpoint.latest_checkpoint(out):
+        old = None  # an attempt that stopped before its first epoch, as _run treats it
+    diff = _diff(old, record) if old is not None else []
+    if diff:  # e.g. a model trained without the refit: refused before a selection runs
+        raise _other_run(out, old, diff, old.get("status") == "finished")
     _preflight(st, cfg, plan, in_process)
     owned.claim(out, "model")
     sel_cfg = dataclasses.replace(cfg, refit=False)
@@ -265,12 +271,7 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
         diff = _diff(old, record)
         finished = old.get("status") == "finished" and storage.exists(storage.join(out, "model.pt"))
         if diff:
-            raise InputError(
-                f"{out} holds a {'finished' if finished else 'unfinished'} {old.get('kind')} "
-                f"run with a different config or data ({'; '.join(diff)}). Use a new --out "
-                "folder (or restore the old settings to resume it; only "
-                f"{', '.join(sorted(RESUMABLE))} may change)."
-            )
+            raise _other_run(out, old, diff, finished)
         if finished:
             done_epochs = int(old.get("epochs_run", 0))
             if not resume or cfg.epochs <= int(old["config"]["epochs"]):
@@ -325,6 +326,14 @@ def _run(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPlan, cells: lis
     else:
         _fit(job, workers, cpus)
     return _finalise(out, record, plan, st, cells, assays, job)
+
+
+def _other_run(out: str, old: dict, diff: list[str], finished: bool) -> InputError:
+    return InputError(
+        f"{out} holds a {'finished' if finished else 'unfinished'} {old.get('kind')} run "
+        f"with a different config or data ({'; '.join(diff)}). Use a new --out folder (or "
+        f"restore the old settings to resume it; only {', '.join(sorted(RESUMABLE))} may "
+        "change).")
 
 
 def _preflight(st: TrackStore, cfg: TrainConfig, plan: TrackPlan,

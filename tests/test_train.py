@@ -584,3 +584,20 @@ def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local
     assert res["best_epoch"] == 4 and meta["refit"]["epochs"] == 4 and meta["epoch"] == 4
     assert [r["val_mse"] for r in meta["history"]] == [0.3, 0.4, 0.35, 0.45]
     assert _same(_state(os.path.join(out, "model.pt"))["state_dict"], _epoch_state(out, 4))
+
+
+def test_a_model_trained_without_the_refit_is_not_refitted_in_place(small_store, ray_local,
+                                                                    tmp_path, capsys):
+    """A folder trained with refit=false, then asked for the default (refit): refused with
+    the difference named, before any selection run writes into it."""
+    out = tmp_path / "m"
+    args = [f"--{k}={v}" for k, v in {**TINY, "bins_per_epoch": "512", "epochs": "1",
+                                      "workers": "1"}.items()]
+    rc, _ = run_cli(["train", "--store", small_store, "--out", out, *args, "--refit=false"],
+                    capsys)
+    assert rc == 0
+    before = tree(tmp_path)
+    rc, err = run_cli(["train", "--store", small_store, "--out", out, *args], capsys)
+    line = paragraph(err, "edice train")
+    assert rc == 1 and "refit False -> True" in line and "new --out folder" in line
+    assert changes(before, tree(tmp_path)) == []
