@@ -3,9 +3,9 @@
     python benchmarks/bench_profile.py --store STORE [--steps 60] [--context none] \\
         [--threads 2] [--json OUT.json]
 
-On one of our track stores (``bench_vs_reference.py``'s consortium by default settings:
-embed_dim 64, 4 heads, ffn 128, decoder 2 x 512, 30 targets per bin, batch 256), in this
-process, with the worker's own code paths:
+On one of our track stores (for example ``bench_vs_reference.py``'s consortium), at
+that benchmark's settings (embed_dim 64, 4 heads, ffn 128, decoder 2 x 512, 30 targets per
+bin, batch 256), in this process, with the worker's own code paths:
 
 1. **Training, by phase**: ``--steps`` steps of :class:`edice_dist.sampler.TrainSampler`
    batches through the model under :func:`edice_dist.trainloop.autocast_for`, Adam as the
