@@ -475,11 +475,13 @@ def test_ctrl_c_during_training(small_store, ray_local, tmp_path, capsys):
     import time
 
     out = tmp_path / "m"
-    first = out / "ray" / "run-001" / "epoch_0001" / checkpoint.METRICS
+    # The first of the two runs (the selection, before the refit) is interrupted.
+    sel = out / "select"
+    runs = sel / "ray" / "run-001"
     running = threading.Event()
 
-    def interrupt():  # once the first epoch is checkpointed, while training goes on
-        while running.is_set() and not first.exists():
+    def interrupt():  # once an epoch is checkpointed, while training goes on
+        while running.is_set() and not any(runs.glob(f"epoch_*/{checkpoint.METRICS}")):
             time.sleep(0.05)
         if running.is_set():
             os.kill(os.getpid(), signal.SIGINT)
@@ -495,8 +497,9 @@ def test_ctrl_c_during_training(small_store, ray_local, tmp_path, capsys):
     assert rc == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == \
         "edice train: interrupted; re-run the same command to resume."
-    assert checkpoint.read_record(str(out))["status"] == "running"
-    assert checkpoint.latest_checkpoint(str(out))["epoch"] < 40  # a re-run resumes from it
+    assert checkpoint.read_record(str(sel))["status"] == "running"
+    assert checkpoint.latest_checkpoint(str(sel))["epoch"] < 40  # a re-run resumes from it
+    assert checkpoint.read_record(str(out)) is None  # the refit has not started
 
 
 def test_the_model_records_what_was_trained(seeded_runs, tmp_path):
