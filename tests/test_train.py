@@ -15,7 +15,7 @@ from failcheck import changes, paragraph, tree
 from failcheck import cli as run_cli
 from trainstore import make_store
 
-from edice_dist import _faults, checkpoint, cli
+from edice_dist import _faults, checkpoint, cli, trainloop
 from edice_dist.errors import InputError
 from edice_dist.store import open_store
 from edice_dist.train import finetune, plan_tracks, train
@@ -23,6 +23,7 @@ from edice_dist.trainconfig import config_keys, load_config
 
 TINY = {"embed_dim": "16", "n_heads": "2", "ffn_dim": "16", "decoder_hidden": "64",
         "batch_size": "64", "val_bins": "1000", "workers": "1", "cpus_per_worker": "1"}
+_REAL_VAL_METRICS = trainloop._val_metrics
 
 
 # -- config --------------------------------------------------------------------------------
@@ -518,21 +519,25 @@ def test_the_model_records_what_was_trained(seeded_runs, tmp_path):
     assert cells == ["C00", "C01", "C02"] and assays == ["A0", "A1"]
 
 
+def _script_validation(monkeypatch, values) -> None:
+    """Every epoch's validation MSE is the next of ``values`` from now on (the other
+    metrics stay real), in this process: the runs below train one worker in-process."""
+    it = iter(values)
+    monkeypatch.setattr(trainloop, "_val_metrics",
+                        lambda s: {**_REAL_VAL_METRICS(s), "val_mse": next(it)})
+
+
+def _scripted_config(refit: str):
+    return load_config(None, {**TINY, "seed": "5", "bins_per_epoch": "1024", "epochs": "3",
+                              "patience": "5", "workers": "1", "refit": refit})
+
+
 def test_the_best_epoch_is_kept_not_the_last(small_store, ray_local, tmp_path, monkeypatch):
     """Validation scripted to be best at epoch 2 of 3: model.pt must hold epoch 2's weights
     (a driver that kept the last epoch fails here)."""
-    from edice_dist import trainloop
-
-    scripted = iter([0.9, 0.5, 0.7])
-    real = trainloop._val_metrics
-
-    def val_metrics(s):
-        return {**real(s), "val_mse": next(scripted)}
-
-    monkeypatch.setattr(trainloop, "_val_metrics", val_metrics)
+    _script_validation(monkeypatch, [0.9, 0.5, 0.7])
     out = str(tmp_path / "model")
-    cfg = load_config(None, {**TINY, "seed": "5", "bins_per_epoch": "1024", "epochs": "3",
-                             "patience": "5", "workers": "1", "refit": "false"})
+    cfg = _scripted_config("false")
     res = train(small_store, out, cfg)
     assert res["best_epoch"] == 2 and res["epochs_run"] == 3
     kept = _state(os.path.join(out, "model.pt"))
@@ -547,15 +552,9 @@ def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local
     validation scripted to improve at every epoch but the last. The final model must be the
     refit's epoch 2 (not its best-scored epoch 1, not the selection's model), and it must
     have read the validation tracks as supports and targets."""
-    from edice_dist import trainloop
-
-    scripted = iter([0.9, 0.5, 0.7, 0.3, 0.4])
-    real = trainloop._val_metrics
-    monkeypatch.setattr(trainloop, "_val_metrics",
-                        lambda s: {**real(s), "val_mse": next(scripted)})
+    _script_validation(monkeypatch, [0.9, 0.5, 0.7, 0.3, 0.4])
     out = str(tmp_path / "model")
-    cfg = load_config(None, {**TINY, "seed": "5", "bins_per_epoch": "1024", "epochs": "3",
-                             "patience": "5", "workers": "1", "refit": "true"})
+    cfg = _scripted_config("true")
     res = train(small_store, out, cfg)
     assert res["best_epoch"] == 2 and res["best_val_mse"] == 0.5
     kept = _state(os.path.join(out, "model.pt"))
@@ -581,7 +580,7 @@ def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local
     assert again["status"] == "done"
     # Resumed to 4 epochs, the selection's new best is epoch 4: the refit goes on from its
     # epoch 2 to epoch 4 (in-sample scores 0.35 and 0.45 do not matter).
-    scripted = iter([0.2, 0.35, 0.45])
+    _script_validation(monkeypatch, [0.2, 0.35, 0.45])
     res = train(small_store, out, dataclasses.replace(cfg, epochs=4), resume=True)
     meta = _state(os.path.join(out, "model.pt"))["meta"]
     assert res["best_epoch"] == 4 and meta["refit"]["epochs"] == 4 and meta["epoch"] == 4
