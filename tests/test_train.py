@@ -489,12 +489,16 @@ def test_ctrl_c_during_training(small_store, ray_local, tmp_path, capsys):
 
     args = [f"--{k}={v}" for k, v in {**TINY, "epochs": "40", "patience": "40",
                                        "bins_per_epoch": "2000"}.items()]
+    # A fresh `edice` process starts with Python's own SIGINT handler; this shared test
+    # process may hold one that an earlier test's Ray Train controller installed.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     running.set()
     threading.Thread(target=interrupt, daemon=True).start()
     try:
         rc, err = run_cli(["train", "--store", small_store, "--out", out, *args], capsys)
     finally:
         running.clear()
+        signal.signal(signal.SIGINT, before)
     assert rc == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == \
         "edice train: interrupted; re-run the same command to resume."
