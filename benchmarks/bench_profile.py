@@ -64,7 +64,7 @@ def profile_training(store_path: str, context: str, steps: int, warmup: int = 5)
     inputs = np.asarray(plan.inputs)
     device = torch.device("cpu")
     init_seed(cfg.seed)
-    net = EDICE(cfg.model_config(len(st.cell_keys), len(st.assays)))
+    net = EDICE(cfg.model_config(st.cell_keys, len(st.assays)))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-7, fused=True)
     in_cells, in_assays = torch.from_numpy(tc[inputs]), torch.from_numpy(ta[inputs])
     sampler = TrainSampler(st, inputs, plan.n_targets, cfg.batch_size, cfg.seed,
@@ -125,7 +125,7 @@ def profile_imputation(store_path: str, context: str, model_dir: str | None) -> 
         model, _ = checkpoint.load_model(model_dir, "cpu")
     else:
         init_seed(cfg.seed)
-        model = EDICE(cfg.model_config(len(st.cell_keys), len(st.assays)))
+        model = EDICE(cfg.model_config(st.cell_keys, len(st.assays)))
     cols = np.asarray(plan.inputs)
     qc = np.arange(len(st.cell_keys)).repeat(len(st.assays))
     qa = np.tile(np.arange(len(st.assays)), len(st.cell_keys))

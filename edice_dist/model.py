@@ -4,6 +4,14 @@ Everything is per 25 bp bin. For a batch of B bins with T observed tracks (colum
 column belongs to one cell (``track_cells``) and one assay (``track_assays``); a boolean
 ``support`` mask says which columns are inputs at each bin. Targets are any (cell, assay)
 pairs of the vocabulary.
+
+Beyond the paper, for consortia of individuals (``cell_type@individual`` cells): with
+``individual_bias`` the cell-side attention adds one learned logit per head between two
+cells of one person. A tissue of a donor with no observed track (leave-tissue-out) has no
+signal of its own; the bias lets it read the donor's other tissues, which carry the
+donor's private elements that averages over other people miss. The logit is shared by
+everyone, so it transfers to a donor the model never saw, and it is part of the attention
+that fine-tuning freezes (SPEC 2.7).
 """
 
 from __future__ import annotations
@@ -34,12 +42,18 @@ class ModelConfig:
     decoder_dropout: float = 0.3  # after each decoder hidden layer
     attn_dropout: float = 0.1  # on both residual branches of the attention blocks
     context: tuple[int, ...] = ()  # half-widths (bins) of window means added as inputs
+    individual_bias: bool = False  # learned attention bias between cells of one individual
+    cell_individuals: tuple[str, ...] = ()  # per cell row, its individual ('' for none)
 
     def __post_init__(self):
         try:  # a list from JSON; sorted, so that (4, 20) and [20, 4] are one model
             object.__setattr__(self, "context", check_context(self.context))
         except (TypeError, ValueError) as e:
             raise ValueError(f"context: {e}") from None
+        object.__setattr__(self, "cell_individuals", tuple(self.cell_individuals))
+        if self.cell_individuals and len(self.cell_individuals) != self.n_cells:
+            raise ValueError(f"cell_individuals names {len(self.cell_individuals)} cells, "
+                             f"the vocabulary has {self.n_cells}")
         if self.n_cells < 1 or self.n_assays < 1:
             raise ValueError("the vocabulary needs at least one cell and one assay")
         if self.embed_dim % self.n_heads:
@@ -59,6 +73,13 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+INDIVIDUAL_LOGIT_SCALE = 30.0
+"""The individual bias is this times its parameter. Adam moves a parameter by about the
+learning rate per step whatever its scale, and a logit must reach 1-3 to matter: unscaled,
+the bias stayed under 0.25 in a short run and changed nothing (BENCHMARKS.md,
+Personalised imputation)."""
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device,
@@ -115,13 +136,15 @@ class ContextBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, d))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor, has_key: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, has_key: torch.Tensor, query: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         """
         Parameters
         ----------
         h : (B, N, d) node embeddings.
         has_key : (B, N) bool, nodes with at least one support (the only valid keys).
         query : (Q,) long, the nodes whose contextualised embedding is needed.
+        bias : optional (n_heads, Q, N) float, added to the attention logits.
 
         Returns
         -------
@@ -137,8 +160,11 @@ class ContextBlock(nn.Module):
         v = F.linear(h, wv, bv).view(B, N, self.n_heads, hd).transpose(1, 2)
         # A bin with no key at all would give NaN; let it attend everywhere and zero it below.
         any_key = has_key.any(dim=1)
-        mask = has_key | ~any_key[:, None]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        mask = (has_key | ~any_key[:, None])[:, None, None, :]
+        if bias is not None:
+            mask = torch.where(mask, bias[None].to(q.dtype),
+                               torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         attn = attn.transpose(1, 2).reshape(B, -1, d)
         attn = self.out_proj(attn) * any_key[:, None, None].to(attn.dtype)
         x = hq + self.dropout(attn)
@@ -166,6 +192,17 @@ class EDICE(nn.Module):
         hidden += [nn.Linear(cfg.decoder_hidden, cfg.decoder_hidden) for _ in range(cfg.decoder_layers - 1)]
         self.decoder = nn.ModuleList(hidden)
         self.output = nn.Linear(cfg.decoder_hidden, 1)
+        names = {n: i for i, n in enumerate(sorted(set(cfg.cell_individuals) - {""}))}
+        groups = [names.get(n, -1) for n in cfg.cell_individuals] or [-1] * cfg.n_cells
+        self.register_buffer("cell_group", torch.tensor(groups, dtype=torch.long),
+                             persistent=False)
+        self.individual_logit = None
+        if cfg.individual_bias and names:
+            # One logit per head, added where a cell attends to a cell of its own individual:
+            # it learns how much a person's other tissues say about a tissue, so it also
+            # holds for a person the model never saw (SPEC 2.7). Only with individuals in
+            # the vocabulary, so that no parameter goes without a gradient.
+            self.individual_logit = nn.Parameter(torch.zeros(cfg.n_heads))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -237,9 +274,20 @@ class EDICE(nn.Module):
         y_c, y_a, nc, na = self.node_inputs(x, support, track_cells, track_assays)
         h_c = self.cell_embed(y_c)
         h_a = self.assay_embed(y_a)
-        c_ctx = self.cell_context(h_c, nc > 0, query_cells)
+        c_ctx = self.cell_context(h_c, nc > 0, query_cells, self.individual_bias(query_cells))
         a_ctx = self.assay_context(h_a, na > 0, query_assays)
         return c_ctx, a_ctx
+
+    def individual_bias(self, query_cells: torch.Tensor) -> torch.Tensor | None:
+        """(n_heads, Q, n_cells) attention-logit bias between each queried cell and every
+        cell of the same individual; None when the model has none to add."""
+        if self.individual_logit is None:
+            return None
+        g = self.cell_group
+        gq = g[query_cells]
+        same = (gq[:, None] == g[None, :]) & (gq >= 0)[:, None]
+        logit = INDIVIDUAL_LOGIT_SCALE * self.individual_logit
+        return logit[:, None, None] * same.to(logit.dtype)
 
     def first_layer_halves(self, c_ctx, a_ctx):
         """The decoder's first layer split: (B, Qc, H) from cells, (B, Qa, H) from assays,
@@ -294,7 +342,8 @@ class EDICE(nn.Module):
 
 
 def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
-                 like: list[list[int]] | None = None) -> EDICE:
+                 like: list[list[int]] | None = None,
+                 individuals: list[str] | None = None) -> EDICE:
     """A copy of ``model`` whose vocabulary grows to ``n_cells`` x ``n_assays`` (new
     entries appended after the old ones), for transfer learning (SPEC 2.7).
 
@@ -308,6 +357,7 @@ def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
     like : optional, one list per new cell row: the old rows whose mean it starts from
         instead (a new individual's liver from the other individuals' livers); an empty
         list means all old rows.
+    individuals : optional, the individual of each new cell row ('' for none).
 
     Returns
     -------
@@ -321,7 +371,12 @@ def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
             f"{n_cells} x {n_assays})"
         )
     ref = next(model.parameters())
-    new = EDICE(replace(cfg, n_cells=n_cells, n_assays=n_assays)).to(ref.device, ref.dtype)
+    n_new = n_cells - cfg.n_cells
+    inds = tuple(cfg.cell_individuals or [""] * cfg.n_cells) + tuple(individuals or [""] * n_new)
+    if len(inds) != n_cells:
+        raise ValueError(f"individuals names {len(individuals or [])} new cells, not {n_new}")
+    new = EDICE(replace(cfg, n_cells=n_cells, n_assays=n_assays,
+                        cell_individuals=inds if any(inds) else ())).to(ref.device, ref.dtype)
     old_state = model.state_dict()
     state = new.state_dict()
     with torch.no_grad():

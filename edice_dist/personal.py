@@ -6,7 +6,9 @@ hidden and imputed from everything else, with three kinds of model, and compared
 AVG and TrackAVG baselines (:mod:`edice_dist.personunit` does one unit of this):
 
 - ``others``: trained on the other donors' tracks only (the donor's cells are then new
-  to it: their embedding rows start at the same tissue's rows of the other donors);
+  to it: their embedding rows start at the same tissue's rows of the other donors, and
+  the individual bias it learnt from the other donors lets each read the donor's other
+  tissues: :mod:`edice_dist.model`);
 - ``finetuned``: ``others`` fine-tuned on the donor's remaining tracks (SPEC 2.7; the
   other donors' tracks are inputs, only the donor's are targets);
 - ``alldonors``: trained from scratch on every track but the hidden ones.

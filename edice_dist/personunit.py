@@ -191,13 +191,15 @@ class _Predictor:
         from .checkpoint import load_model
         from .model import extend_vocab
         from .trackplan import like_rows
+        from .tracks import split_cell_key
 
         model, meta = load_model(path)
         cells, assays = list(meta["cell_keys"]), list(meta["assays"])
         new = sorted({st.tracks[i].cell_key for i in supports + targets} - set(cells))
         if new:
             like = like_rows(meta.get("trained_cell_keys", cells), cells, new)
-            model = extend_vocab(model, len(cells) + len(new), len(assays), like=like)
+            model = extend_vocab(model, len(cells) + len(new), len(assays), like=like,
+                                 individuals=[split_cell_key(c)[1] for c in new])
             cells += new
         trained = set(meta.get("trained_assays", assays))
         ci = {c: i for i, c in enumerate(cells)}

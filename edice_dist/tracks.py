@@ -62,6 +62,12 @@ def split_cell_key(key: str) -> tuple[str, str]:
     return cell, ind
 
 
+def individuals_of(cell_keys) -> tuple[str, ...]:
+    """Each cell key's individual ('' for none); () when no key names one."""
+    inds = tuple(split_cell_key(c)[1] for c in cell_keys)
+    return inds if any(inds) else ()
+
+
 def track_id(cell_key_: str, assay: str) -> str:
     return f"{cell_key_}-{assay}"
 

@@ -47,6 +47,7 @@ from .trackplan import (  # noqa: F401 - holdout_tracks: part of this module's i
     trained_vocab,
     vocab_index,
 )
+from .tracks import individuals_of
 from .trainconfig import (
     ARCH_KEYS,
     LATER_KEYS,
@@ -121,7 +122,7 @@ def train(store: str, out: str, cfg: TrainConfig, resume: bool = False,
               "parent_model": None}
     if tracks is not None:
         record["selection"] = tracks.to_dict()
-    loop = {"kind": "train", "model": cfg.model_config(len(cells), len(assays))}
+    loop = {"kind": "train", "model": cfg.model_config(cells, len(assays))}
     return _select_then_refit(st, out, cfg, plan, cells, assays, record, loop, resume,
                               in_process)
 
@@ -188,7 +189,8 @@ def finetune(model_dir: str, store: str, out: str, config_file: str | None = Non
     st_cells, st_assays = (st.cell_keys, st.assays) if tracks is None else selected_vocab(st, plan)
     cells = list(meta["cell_keys"]) + sorted(set(st_cells) - set(meta["cell_keys"]))
     assays = list(meta["assays"]) + sorted(set(st_assays) - set(meta["assays"]))
-    new_cfg = ModelConfig.from_dict({**base_cfg, "n_cells": len(cells), "n_assays": len(assays)})
+    new_cfg = ModelConfig.from_dict({**base_cfg, "n_cells": len(cells), "n_assays": len(assays),
+                                     "cell_individuals": individuals_of(cells)})
     record = {"kind": "finetune", "config": cfg.to_dict(), "store": st.identity(),
               "parent_model": model_dir}
     if tracks is not None:

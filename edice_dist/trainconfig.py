@@ -16,8 +16,9 @@ from . import config
 from .context import check as check_context
 from .errors import InputError
 from .model import ModelConfig
+from .tracks import individuals_of
 
-VOCAB_FIELDS = ("n_cells", "n_assays")
+VOCAB_FIELDS = ("n_cells", "n_assays", "cell_individuals")
 """ModelConfig fields that the data decides, not the config."""
 NOUN = ("config key", "keys")
 """How messages name a training setting."""
@@ -43,7 +44,7 @@ RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
                        "cpus_per_worker", "max_failures"})
 # Keys added after model folders began recording their config, with the value that runs
 # recorded without them had: a folder from before a key was added still resumes.
-LATER_KEYS = {"refit": False, "mask_cells": 0.0}
+LATER_KEYS = {"refit": False, "mask_cells": 0.0, "individual_bias": False}
 
 
 @dataclass
@@ -61,6 +62,10 @@ class TrainConfig(Architecture):
     # Share of training bins where one random cell has every track as a target (no
     # supports): for imputing a cell type with no observed track (leave-tissue-out).
     mask_cells: float = 0.0
+    # Cells of one individual (``cell@individual``) attend to each other with a learned
+    # bias, so a person's other tissues inform a tissue of theirs (no effect without
+    # individuals; BENCHMARKS.md, Personalised imputation).
+    individual_bias: bool = True
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50
@@ -116,8 +121,11 @@ class TrainConfig(Architecture):
         from ``train.json`` compares equal."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def model_config(self, n_cells: int, n_assays: int) -> ModelConfig:
-        return ModelConfig(n_cells, n_assays, **{k: getattr(self, k) for k in ARCH_KEYS})
+    def model_config(self, cells: list[str], n_assays: int) -> ModelConfig:
+        """The model of these settings over the vocabulary ``cells`` (cell keys) x
+        ``n_assays`` assays."""
+        return ModelConfig(len(cells), n_assays, cell_individuals=individuals_of(cells),
+                           **{k: getattr(self, k) for k in ARCH_KEYS})
 
 
 def config_keys() -> list[str]:

@@ -131,8 +131,8 @@ def _initial_model(config: WorkerConfig, state: dict | None) -> EDICE:
         return model
     if config.base_model:
         base, _ = checkpoint.load_model(config.base_model, "cpu")
-        return extend_vocab(base, mcfg.n_cells, mcfg.n_assays,
-                            like=config.new_cell_like).train()
+        return extend_vocab(base, mcfg.n_cells, mcfg.n_assays, like=config.new_cell_like,
+                            individuals=mcfg.cell_individuals[base.cfg.n_cells:]).train()
     init_seed(config.train.seed)
     return EDICE(mcfg)
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from edice_dist.model import EDICE, ModelConfig, extend_vocab, keep_mask
+from edice_dist.model import (
+    EDICE,
+    INDIVIDUAL_LOGIT_SCALE,
+    ModelConfig,
+    extend_vocab,
+    keep_mask,
+)
 
 
 def small_model(n_cells=5, n_assays=4, seed=0, **kw) -> EDICE:
@@ -38,8 +44,9 @@ def _np_params(model):
     return {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
 
 
-def _np_block(h, has_key, P, pre, n_heads):
-    """Multi-head self-attention over all nodes (keys masked), residual, FFN, residual."""
+def _np_block(h, has_key, P, pre, n_heads, bias=None):
+    """Multi-head self-attention over all nodes (keys masked, ``bias`` (heads, N, N) added
+    to the scores), residual, FFN, residual."""
     N, d = h.shape
     hd = d // n_heads
     w, b = P[f"{pre}.in_proj.weight"], P[f"{pre}.in_proj.bias"]
@@ -49,6 +56,8 @@ def _np_block(h, has_key, P, pre, n_heads):
         for head in range(n_heads):
             s = slice(head * hd, (head + 1) * hd)
             scores = q[:, s] @ k[:, s].T / np.sqrt(hd)
+            if bias is not None:
+                scores = scores + bias[head]
             scores[:, ~has_key] = -np.inf
             a = np.exp(scores - scores.max(axis=1, keepdims=True))
             a /= a.sum(axis=1, keepdims=True)
@@ -57,6 +66,16 @@ def _np_block(h, has_key, P, pre, n_heads):
     x = h + out
     f = np.maximum(x @ P[f"{pre}.ffn.0.weight"].T + P[f"{pre}.ffn.0.bias"], 0)
     return x + f @ P[f"{pre}.ffn.2.weight"].T + P[f"{pre}.ffn.2.bias"]
+
+
+def _np_individual_bias(cfg, P):
+    """SPEC 2.7's individual bias: the scaled logit of each head between two cells of one
+    named individual, 0 elsewhere."""
+    if "individual_logit" not in P:
+        return None
+    ind = np.array(cfg.cell_individuals, dtype=object)
+    same = (ind[:, None] == ind[None, :]) & (ind != "")[:, None]
+    return INDIVIDUAL_LOGIT_SCALE * P["individual_logit"][:, None, None] * same[None]
 
 
 def numpy_forward(model, x, support, tc, ta, qc, qa):
@@ -85,7 +104,7 @@ def numpy_forward(model, x, support, tc, ta, qc, qa):
             + P["cell_embed.table.weight"]
         ha = np.maximum(ya @ P["assay_embed.linear.weight"].T + P["assay_embed.linear.bias"], 0) \
             + P["assay_embed.table.weight"]
-        cc = _np_block(hc, nc > 0, P, "cell_context", cfg.n_heads)
+        cc = _np_block(hc, nc > 0, P, "cell_context", cfg.n_heads, _np_individual_bias(cfg, P))
         ac = _np_block(ha, na > 0, P, "assay_context", cfg.n_heads)
         rc = qc[b] if qc.ndim == 2 else qc
         ra = qa[b] if qa.ndim == 2 else qa
@@ -120,6 +139,70 @@ def test_forward_matches_numpy_reference():
         got = model(x, support, tc, ta, qc, qa).numpy()
     ref = numpy_forward(model, x, support, tc, ta, qc, qa)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+PEOPLE = ("ann", "ann", "bob", "bob", "")
+"""Cells 0-1 of one individual, 2-3 of another, 4 of none."""
+
+
+def test_individual_bias_matches_numpy_reference():
+    model = small_model(individual_bias=True, cell_individuals=PEOPLE)
+    with torch.no_grad():  # logits of 1.5, -0.9, 3 and 0 between cells of one individual
+        model.individual_logit.copy_(torch.tensor([1.5, -0.9, 3.0, 0.0]) / INDIVIDUAL_LOGIT_SCALE)
+    x, support, tc, ta = random_batch(n_bins=8, seed=5)
+    support[:, tc == 0] = False  # cell 0 has no support: it reads its own individual's cells
+    qc = torch.tensor([0, 1, 2, 4, 3])
+    qa = torch.tensor([3, 0, 1, 2, 2])
+    with torch.no_grad():
+        got = model(x, support, tc, ta, qc, qa).numpy()
+        plain = EDICE(ModelConfig(**{**model.cfg.__dict__, "individual_bias": False})).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if k != "individual_logit"})
+        without = plain(x, support, tc, ta, qc, qa).numpy()
+    np.testing.assert_allclose(got, numpy_forward(model, x, support, tc, ta, qc, qa),
+                               rtol=1e-4, atol=1e-5)
+    assert np.abs(got - without).max() > 1e-3  # the bias is not a no-op
+
+
+def test_individual_bias_without_individuals_adds_nothing():
+    a = small_model(individual_bias=True, seed=3)
+    b = small_model(individual_bias=False, seed=3)
+    assert a.individual_logit is None and "individual_logit" not in a.state_dict()
+    x, support, tc, ta = random_batch(seed=4)
+    q = torch.tensor([0, 2, 4]), torch.tensor([1, 1, 3])
+    with torch.no_grad():
+        np.testing.assert_array_equal(a(x, support, tc, ta, *q).numpy(),
+                                      b(x, support, tc, ta, *q).numpy())
+
+
+def test_extend_vocab_names_the_new_cells_individuals():
+    model = small_model(individual_bias=True, cell_individuals=PEOPLE)
+    x, support, tc, ta = random_batch(seed=6)
+    q = torch.tensor([0, 2, 3]), torch.tensor([1, 1, 3])
+    big = extend_vocab(model, 7, 4, individuals=["bob", "cy"]).eval()
+    assert big.cfg.cell_individuals == PEOPLE + ("bob", "cy")
+    assert big.cell_group.tolist()[-2:] == [big.cell_group[2].item(), 2]  # bob, then a new one
+    with torch.no_grad():  # unsupported new cells are no keys: old predictions stand
+        np.testing.assert_allclose(big(x, support, tc, ta, *q).numpy(),
+                                   model(x, support, tc, ta, *q).numpy(), rtol=1e-5, atol=1e-6)
+        # A new cell of bob's attends to bob's cells, one of a new person to nobody's.
+        out = big(x, support, tc, ta, torch.tensor([5, 6]), torch.tensor([0, 0])).numpy()
+    np.testing.assert_allclose(out, numpy_forward(big, x, support, tc, ta, [5, 6], [0, 0]),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="new cells"):
+        extend_vocab(model, 7, 4, individuals=["bob"])
+
+
+def test_finetuning_keeps_the_individual_bias():
+    """SPEC 2.7 freezes the attention; the bias is part of it (a new person has no logit
+    of their own to learn)."""
+    from edice_dist.trainloop import finetune_trainable
+
+    model = extend_vocab(small_model(individual_bias=True, cell_individuals=PEOPLE), 6, 4,
+                         individuals=["cy"])
+    finetune_trainable(model, 5, 4)
+    assert not model.individual_logit.requires_grad
+    assert model.decoder[0].weight.requires_grad
 
 
 def test_per_bin_targets_match_reference():
@@ -246,9 +329,9 @@ def test_queries_only_for_the_targets_cells_and_assays(monkeypatch):
     def spy(block, name):
         orig = block.forward
 
-        def fwd(h, has_key, query):
+        def fwd(h, has_key, query, bias=None):
             seen[name] = query.clone()
-            return orig(h, has_key, query)
+            return orig(h, has_key, query, bias)
         monkeypatch.setattr(block, "forward", fwd)
 
     spy(model.cell_context, "cells")

@@ -10,8 +10,10 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from edice_dist import cli, stages, storage
+from edice_dist.checkpoint import load_model
 from edice_dist.errors import EdiceError, InputError
 from edice_dist.genome import bed_bin_mask
 from edice_dist.metrics import metrics_from_arrays
@@ -154,6 +156,15 @@ def test_leave_tissue_out_on_the_command_line(consortium, tmp_path, capsys):
     for kind in ("finetuned", "alldonors"):
         meta = json.loads(storage.read_text(f"{out}/ind03/tissue-brain_01/{kind}/model.json"))
         assert "brain_01@ind03" not in meta["cell_keys"]
+    # The models know whose each cell is: the donor's `others` model learns the individual
+    # bias from the other donors, and fine-tuning keeps it as it is (SPEC 2.7).
+    base, base_meta = load_model(f"{out}/ind03/others")
+    tuned, tuned_meta = load_model(f"{out}/ind03/tissue-brain_01/finetuned")
+    for model, meta in ((base, base_meta), (tuned, tuned_meta)):
+        assert model.cfg.cell_individuals == tuple(k.split("@")[1] for k in meta["cell_keys"])
+    assert "ind03" not in base.cfg.cell_individuals and "ind03" in tuned.cfg.cell_individuals
+    assert base.individual_logit.abs().max() > 0
+    assert torch.equal(tuned.individual_logit, base.individual_logit)
     out_text = capsys.readouterr().out
     assert "auprc_per" in out_text and "TrackAVG" in out_text
     # Bad options are one paragraph naming what is valid.
