@@ -30,7 +30,8 @@ SIM = {"individuals": "4", "n_cell_types": "4", "n_tissues": "4",
        "chrom_sizes": "chr1:600007,chr2:400009", "other_fraction": "0.7",
        "assays": "H3K4me3,H3K27ac,H3K4me1,H3K36me3,H3K27me3,DNase"}
 TRAIN = {"embed_dim": "32", "ffn_dim": "32", "decoder_hidden": "128", "lr": "1e-3",
-         "epochs": "4", "bins_per_epoch": "16000", "batch_size": "256", "patience": "2"}
+         "epochs": "8", "bins_per_epoch": "32000", "batch_size": "256", "patience": "2",
+         "mask_cells": "0.5"}
 PERSONAL = {"finetune_epochs": "4"}
 SHOWN = ("auprc_person", "person_frac", "mse", "gwcorr", "auprc")
 
