@@ -11,7 +11,7 @@ prints per workflow the mean over hidden tracks of every method (person-specific
 with its chance level, MSE, GWcorr, AUPRC) and on how many tracks the fine-tuned model
 beats each other method. Every step resumes (``--models`` may grow between runs: only the
 new models are trained). The folds, the tissues and the default models (the fine-tuned
-model and its base, without alldonors) keep a seed at 24 models, ~13 min on a quiet 2-core
+model and its base, without alldonors) keep a seed at 24 models, ~8 min on a quiet 2-core
 machine (leave-one-out proper, one track at a time, would train 1 + 2T models per donor
 of T tracks: ~150 per workflow here); ``--plot`` draws the summaries of several runs' JSON
 into one PNG.
