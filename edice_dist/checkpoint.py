@@ -135,6 +135,11 @@ def describe(model_dir: str) -> str:
         f"({', '.join(meta['assays'])})",
         f"transform    {meta['transform']}",
     ]
+    people = sorted(set(cfg.get("cell_individuals") or []) - {""})
+    if people:
+        bias = "with" if cfg.get("individual_bias") else "without"
+        lines.append(f"individuals  {len(people)} ({', '.join(people)}), {bias} the "
+                     "individual attention bias")
     for key in ("epoch", "best_val_mse", "store", "trained", "parent_model"):
         if key in meta:
             lines.append(f"{key:<12} {meta[key]}")

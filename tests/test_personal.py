@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edice_dist import cli, stages, storage
-from edice_dist.checkpoint import load_model
+from edice_dist.checkpoint import describe, load_model
 from edice_dist.errors import EdiceError, InputError
 from edice_dist.genome import bed_bin_mask
 from edice_dist.metrics import metrics_from_arrays
@@ -165,6 +165,8 @@ def test_leave_tissue_out_on_the_command_line(consortium, tmp_path, capsys):
     assert "ind03" not in base.cfg.cell_individuals and "ind03" in tuned.cfg.cell_individuals
     assert base.individual_logit.abs().max() > 0
     assert torch.equal(tuned.individual_logit, base.individual_logit)
+    info = describe(f"{out}/ind03/tissue-brain_01/finetuned")
+    assert "individuals  3 (ind01, ind02, ind03), with the individual attention bias" in info
     out_text = capsys.readouterr().out
     assert "auprc_per" in out_text and "TrackAVG" in out_text
     # Bad options are one paragraph naming what is valid.
