@@ -191,7 +191,7 @@ class _Predictor:
         from .checkpoint import load_model
         from .model import extend_vocab
         from .trackplan import like_rows
-        from .tracks import split_cell_key
+        from .tracks import individuals_of
 
         model, meta = load_model(path)
         cells, assays = list(meta["cell_keys"]), list(meta["assays"])
@@ -199,7 +199,7 @@ class _Predictor:
         if new:
             like = like_rows(meta.get("trained_cell_keys", cells), cells, new)
             model = extend_vocab(model, len(cells) + len(new), len(assays), like=like,
-                                 individuals=[split_cell_key(c)[1] for c in new])
+                                 individuals=individuals_of(new))
             cells += new
         trained = set(meta.get("trained_assays", assays))
         ci = {c: i for i, c in enumerate(cells)}
