@@ -57,10 +57,13 @@ SMALL = {"embed_dim": "64", "decoder_hidden": "512", "n_targets": "30", "epochs"
 VARIANTS = {
     "default": {},
     "selection": {"refit": "false"},
-    "paper": {"context": "none", "refit": "false"},
+    "paper": {"context": "none", "same_assay": "none", "refit": "false"},
+    "noskip": {"same_assay": "none", "refit": "false"},
+    "mean": {"same_assay": "mean", "refit": "false"},
+    "attention": {"same_assay": "attention", "refit": "false"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
-METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "auprc")
+METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "catch1obs", "auprc")
 
 
 def _run(name: str, fn, *args, **kw):
@@ -169,9 +172,24 @@ def read_metrics(path: str) -> dict:
 def summarise(tracks: dict, method: str) -> dict:
     rows = [(k, v[method]) for k, v in tracks.items() if method in v]
     out = {m: float(np.nanmean([r[m] for _, r in rows])) for m in METRICS}
-    broad = [r["mse"] for k, r in rows if k[1] in BROAD]
-    out["mse_broad"] = float(np.mean(broad)) if broad else float("nan")
+    for mark in BROAD:
+        group = [r["mse"] for k, r in rows if k[1] == mark]
+        out[f"mse_{mark}"] = float(np.mean(group)) if group else float("nan")
     return out
+
+
+def per_assay(tracks: dict, methods: list[str]) -> str:
+    """Per assay and method: the mean MSE, GWcorr, peak MSE, Catch1obs and AUPRC."""
+    cols = ("mse", "gwcorr", "mse_fg", "catch1obs", "auprc")
+    lines = ["| assay | method | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for assay in sorted({k[1] for k in tracks}):
+        keys = [k for k in tracks if k[1] == assay]
+        for m in methods:
+            rows = [tracks[k][m] for k in keys if m in tracks[k]]
+            if rows:
+                vals = " | ".join(f"{np.nanmean([r[c] for r in rows]):.3f}" for c in cols)
+                lines.append(f"| {assay} | {m} | {len(rows)} | {vals} |")
+    return "\n".join(lines)
 
 
 def wins(tracks: dict, method: str, base: str = "AVG") -> dict:
@@ -187,7 +205,7 @@ def wins(tracks: dict, method: str, base: str = "AVG") -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    cols = [*METRICS, "mse_broad"]
+    cols = [*METRICS, *(f"mse_{m}" for m in BROAD)]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
@@ -227,6 +245,10 @@ def main(argv=None) -> int:
         rows = {v: summarise(per[v]["tracks"], "model") for v in per}
         rows["AVG"] = summarise(first, "AVG")
         print(table(rows))
+        merged = {k: {"AVG": v["AVG"], **{n: per[n]["tracks"][k]["model"] for n in per
+                                          if k in per[n]["tracks"]}}
+                  for k, v in first.items()}
+        print(per_assay(merged, [*per, "AVG"]))
         for v in a.variants:
             print(f"  {v} beats AVG on {wins(per[v]['tracks'], 'model')} tracks; best "
                   f"epoch {per[v]['best_epoch']}, training {per[v]['train_s']:.0f} s")

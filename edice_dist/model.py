@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 
 from .context import check as check_context
 from .context import n_channels
+from .sameassay import SameAssaySkip
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ModelConfig:
     attn_dropout: float = 0.1  # on both residual branches of the attention blocks
     context: tuple[int, ...] = ()  # half-widths (bins) of window means added as inputs
     individual_bias: bool = False  # learned attention bias between cells of one individual
+    same_assay: Literal["none", "mean", "attention"] = "none"  # :mod:`edice_dist.sameassay`
     cell_individuals: tuple[str, ...] = ()  # per cell row, its individual ('' for none)
 
     def __post_init__(self):
@@ -60,6 +63,9 @@ class ModelConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
         if self.decoder_layers < 1:
             raise ValueError("decoder_layers must be >= 1")
+        if self.same_assay not in SAME_ASSAY:
+            raise ValueError(f"same_assay must be one of {', '.join(SAME_ASSAY)}, "
+                             f"got {self.same_assay!r}")
 
     @property
     def n_channels(self) -> int:
@@ -74,6 +80,11 @@ class ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+
+SAME_ASSAY = ("none", "mean", "attention")
+"""Ways of reading the target assay's signal in the other cells straight into the output
+(:class:`SameAssaySkip`): not at all (the paper), their plain mean (AVG), or their mean
+weighted by a learned attention between the target cell and each other cell."""
 
 INDIVIDUAL_LOGIT_SCALE = 30.0
 """The individual bias is this times its parameter. Adam moves a parameter by about the
@@ -192,6 +203,13 @@ class EDICE(nn.Module):
         hidden += [nn.Linear(cfg.decoder_hidden, cfg.decoder_hidden) for _ in range(cfg.decoder_layers - 1)]
         self.decoder = nn.ModuleList(hidden)
         self.output = nn.Linear(cfg.decoder_hidden, 1)
+        self.same_assay_skip = None
+        if cfg.same_assay != "none":
+            # Built on a forked generator, initialised last (reset_parameters): the
+            # paper's parts of a seeded model start as they would without it.
+            with torch.random.fork_rng(devices=[]):
+                self.same_assay_skip = SameAssaySkip(cfg.same_assay, cfg.n_assays,
+                                                     cfg.n_channels, d, cfg.n_heads)
         names = {n: i for i, n in enumerate(sorted(set(cfg.cell_individuals) - {""}))}
         groups = [names.get(n, -1) for n in cfg.cell_individuals] or [-1] * cfg.n_cells
         self.register_buffer("cell_group", torch.tensor(groups, dtype=torch.long),
@@ -217,7 +235,10 @@ class EDICE(nn.Module):
         held-out tracks (BENCHMARKS.md, Quality).
         """
         d = self.cfg.embed_dim
-        for m in self.modules():
+        skip = self.same_assay_skip
+        paper = [m for m in self.modules()
+                 if skip is None or all(m is not s for s in skip.modules())]
+        for m in paper:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -226,14 +247,16 @@ class EDICE(nn.Module):
         for block in (self.cell_context, self.assay_context):
             for w in block.in_proj.weight.split(d):
                 nn.init.xavier_uniform_(w)
+        if skip is not None:  # last, so that the paper's parts start as without it
+            skip.reset_parameters()
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     # -- the steps, public so that fast inference can reuse them --------------------------
 
-    def node_inputs(self, x, support, track_cells, track_assays):
-        """Per-cell and per-assay input vectors (SPEC 2.1).
+    def support_grid(self, x, support, track_cells, track_assays):
+        """The supports laid out per (cell, assay).
 
         Parameters
         ----------
@@ -244,10 +267,8 @@ class EDICE(nn.Module):
 
         Returns
         -------
-        y_cells : (B, n_cells, n_assays * C), each cell's supports divided by N_c
-            (assay-major: the C values of assay 0, then of assay 1, ...).
-        y_assays : (B, n_assays, n_cells * C), each assay's supports divided by N_a.
-        n_cells_sup : (B, n_cells) support counts N_c; n_assays_sup : (B, n_assays).
+        grid : (B, n_cells, n_assays, C), sum of the supports of each (cell, assay).
+        count : (B, n_cells, n_assays), number of supports of each (cell, assay).
         """
         cfg = self.cfg
         x = x[..., None] if x.dim() == 2 else x
@@ -255,28 +276,58 @@ class EDICE(nn.Module):
         if C != cfg.n_channels:
             raise ValueError(f"the model takes {cfg.n_channels} value(s) per track and bin "
                              f"(context {cfg.context}), got {C}")
-        s = support.to(x.dtype)
         # Unsupported columns may hold anything (NaN padding included) and may repeat a
         # real column's (cell, assay): zero them and accumulate, so they add nothing.
         vals = torch.where(support[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         flat = track_cells * cfg.n_assays + track_assays
         grid = x.new_zeros(B, cfg.n_cells * cfg.n_assays, C).index_add_(1, flat, vals)
-        grid = grid.view(B, cfg.n_cells, cfg.n_assays, C)
-        nc = x.new_zeros(B, cfg.n_cells).index_add_(1, track_cells, s)
-        na = x.new_zeros(B, cfg.n_assays).index_add_(1, track_assays, s)
-        y_cells = (grid / nc.clamp(min=1)[:, :, None, None]).reshape(B, cfg.n_cells, -1)
+        count = x.new_zeros(B, cfg.n_cells * cfg.n_assays).index_add_(1, flat, support.to(x.dtype))
+        return (grid.view(B, cfg.n_cells, cfg.n_assays, C),
+                count.view(B, cfg.n_cells, cfg.n_assays))
+
+    @staticmethod
+    def _node_vectors(grid, count):
+        B, n_cells, n_assays, _ = grid.shape
+        nc, na = count.sum(2), count.sum(1)
+        y_cells = (grid / nc.clamp(min=1)[:, :, None, None]).reshape(B, n_cells, -1)
         y_assays = (grid.transpose(1, 2) / na.clamp(min=1)[:, :, None, None]).reshape(
-            B, cfg.n_assays, -1)
+            B, n_assays, -1)
         return y_cells, y_assays, nc, na
 
-    def contextualise(self, x, support, track_cells, track_assays, query_cells, query_assays):
-        """Contextualised embeddings of the queried cells (B, Qc, d) and assays (B, Qa, d)."""
-        y_c, y_a, nc, na = self.node_inputs(x, support, track_cells, track_assays)
+    def node_inputs(self, x, support, track_cells, track_assays):
+        """Per-cell and per-assay input vectors (SPEC 2.1).
+
+        Parameters
+        ----------
+        x, support, track_cells, track_assays : as :meth:`support_grid`.
+
+        Returns
+        -------
+        y_cells : (B, n_cells, n_assays * C), each cell's supports divided by N_c
+            (assay-major: the C values of assay 0, then of assay 1, ...).
+        y_assays : (B, n_assays, n_cells * C), each assay's supports divided by N_a.
+        n_cells_sup : (B, n_cells) support counts N_c; n_assays_sup : (B, n_assays).
+        """
+        return self._node_vectors(*self.support_grid(x, support, track_cells, track_assays))
+
+    def encode(self, x, support, track_cells, track_assays, query_cells, query_assays):
+        """Contextualised embeddings of the queried cells (B, Qc, d) and assays (B, Qa, d),
+        and the same-assay estimates of :class:`~edice_dist.sameassay.SameAssaySkip`
+        ((B, Qc', Qa, H, C); None without the skip)."""
+        grid, count = self.support_grid(x, support, track_cells, track_assays)
+        y_c, y_a, nc, na = self._node_vectors(grid, count)
         h_c = self.cell_embed(y_c)
         h_a = self.assay_embed(y_a)
         c_ctx = self.cell_context(h_c, nc > 0, query_cells, self.individual_bias(query_cells))
         a_ctx = self.assay_context(h_a, na > 0, query_assays)
-        return c_ctx, a_ctx
+        est = None
+        if self.same_assay_skip is not None:
+            est = self.same_assay_skip.estimates(grid, count, h_c, c_ctx, query_assays)
+        return c_ctx, a_ctx, est
+
+    def contextualise(self, x, support, track_cells, track_assays, query_cells, query_assays):
+        """Contextualised embeddings of the queried cells (B, Qc, d) and assays (B, Qa, d)."""
+        return self.encode(x, support, track_cells, track_assays, query_cells, query_assays)[:2]
 
     def individual_bias(self, query_cells: torch.Tensor) -> torch.Tensor | None:
         """(n_heads, Q, n_cells) attention-logit bias between each queried cell and every
@@ -327,8 +378,8 @@ class EDICE(nn.Module):
         with fp32:
             q_cells, pos_c = torch.unique(target_cells, return_inverse=True)
             q_assays, pos_a = torch.unique(target_assays, return_inverse=True)
-            c_ctx, a_ctx = self.contextualise(x, support, track_cells, track_assays, q_cells,
-                                              q_assays)
+            c_ctx, a_ctx, est = self.encode(x, support, track_cells, track_assays, q_cells,
+                                            q_assays)
             pc, pa = self.first_layer_halves(c_ctx, a_ctx)
             if pos_c.dim() == 1:
                 z = pc[:, pos_c] + pa[:, pos_a]
@@ -338,7 +389,9 @@ class EDICE(nn.Module):
                 z = (pc.reshape(-1, H).index_select(0, (rows * Qc + pos_c).flatten())
                      + pa.reshape(-1, H).index_select(
                          0, (rows * pa.shape[1] + pos_a).flatten())).view(*pos_c.shape, H)
-        return self.decode_hidden(z)
+            skip = None if est is None else self.same_assay_skip(est, pos_c, pos_a, q_assays)
+        out = self.decode_hidden(z)
+        return out if skip is None else out + skip.to(out.dtype)
 
 
 def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
@@ -387,6 +440,9 @@ def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
             elif name in ("cell_embed.linear.weight", "assay_embed.linear.weight"):
                 target.zero_()
                 target[:, : value.shape[1]] = value
+            elif name == "same_assay_skip.weight":  # a new assay reads out as the average
+                target[: value.shape[0]] = value
+                target[value.shape[0]:] = value.mean(dim=0)
             elif name in ("cell_embed.table.weight", "assay_embed.table.weight"):
                 target[: value.shape[0]] = value
                 target[value.shape[0]:] = value.mean(dim=0)

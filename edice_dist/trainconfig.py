@@ -44,7 +44,8 @@ RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
                        "cpus_per_worker", "max_failures"})
 # Keys added after model folders began recording their config, with the value that runs
 # recorded without them had: a folder from before a key was added still resumes.
-LATER_KEYS = {"refit": False, "mask_cells": 0.0, "individual_bias": False}
+LATER_KEYS = {"refit": False, "mask_cells": 0.0, "individual_bias": False,
+              "same_assay": "none"}
 
 
 @dataclass

@@ -145,6 +145,8 @@ def finetune_trainable(model: EDICE, n_base_cells: int, n_base_assays: int) -> d
     for m in (model.cell_embed.linear, model.assay_embed.linear, model.decoder, model.output):
         for p in m.parameters():
             p.requires_grad_(True)
+    if model.same_assay_skip is not None:  # its read-out is the decoder's; its queries and
+        model.same_assay_skip.weight.requires_grad_(True)  # keys are attention (frozen)
     masks = {}
     for table, n_old in ((model.cell_embed.table.weight, n_base_cells),
                          (model.assay_embed.table.weight, n_base_assays)):

@@ -13,6 +13,7 @@ from edice_dist.model import (
     extend_vocab,
     keep_mask,
 )
+from edice_dist.sameassay import HEAD_DIM, LOGIT_CAP, SKIP_SCALE
 
 
 def small_model(n_cells=5, n_assays=4, seed=0, **kw) -> EDICE:
@@ -78,6 +79,26 @@ def _np_individual_bias(cfg, P):
     return INDIVIDUAL_LOGIT_SCALE * P["individual_logit"][:, None, None] * same[None]
 
 
+def _np_same_assay(cfg, P, yc_sum, sup, hc, cc_row, a):
+    """The same-assay skip of one target at one bin: SKIP_SCALE * w[a] . the plain or
+    attention-weighted mean of assay a over the cells that observe it (0 where none)."""
+    if cfg.same_assay == "none" or not sup[:, a].any():
+        return 0.0
+    w = SKIP_SCALE * P["same_assay_skip.weight"][a, :, 0]
+    vals = yc_sum[sup[:, a], a]
+    if cfg.same_assay == "mean":
+        return w[0] * vals.mean()
+    q = cc_row @ P["same_assay_skip.query.weight"].T + P["same_assay_skip.query.bias"]
+    k = hc @ P["same_assay_skip.key.weight"].T + P["same_assay_skip.key.bias"]
+    total = 0.0
+    for h in range(cfg.n_heads):
+        s = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+        logit = LOGIT_CAP * np.tanh(k[:, s] @ q[s] / np.sqrt(HEAD_DIM) / LOGIT_CAP)
+        e = np.exp(logit[sup[:, a]] - logit[sup[:, a]].max())
+        total += w[h] * (e @ vals) / e.sum()
+    return total
+
+
 def numpy_forward(model, x, support, tc, ta, qc, qa):
     """Predictions (B, K) for targets qc, qa of shape (K,) or (B, K)."""
     cfg = model.cfg
@@ -90,13 +111,16 @@ def numpy_forward(model, x, support, tc, ta, qc, qa):
     out = np.zeros((B, K))
     for b in range(B):
         yc = np.zeros((cfg.n_cells, cfg.n_assays))
+        sup = np.zeros((cfg.n_cells, cfg.n_assays), dtype=bool)
         nc = np.zeros(cfg.n_cells)
         na = np.zeros(cfg.n_assays)
         for t in range(len(tc)):
             if support[b, t]:
                 yc[tc[t], ta[t]] = x[b, t]
+                sup[tc[t], ta[t]] = True
                 nc[tc[t]] += 1
                 na[ta[t]] += 1
+        y_sum = yc.copy()
         ya = yc.T.copy()
         yc = yc / np.maximum(nc, 1)[:, None]
         ya = ya / np.maximum(na, 1)[:, None]
@@ -112,7 +136,8 @@ def numpy_forward(model, x, support, tc, ta, qc, qa):
             z = np.concatenate([cc[rc[k]], ac[ra[k]]])
             for i in range(cfg.decoder_layers):
                 z = np.maximum(P[f"decoder.{i}.weight"] @ z + P[f"decoder.{i}.bias"], 0)
-            out[b, k] = (P["output.weight"] @ z + P["output.bias"])[0]
+            out[b, k] = (P["output.weight"] @ z + P["output.bias"])[0] + _np_same_assay(
+                cfg, P, y_sum, sup, hc, cc[rc[k]], ra[k])
     return out
 
 
@@ -205,8 +230,41 @@ def test_finetuning_keeps_the_individual_bias():
     assert model.decoder[0].weight.requires_grad
 
 
-def test_per_bin_targets_match_reference():
-    model = small_model(decoder_layers=3)
+@pytest.mark.parametrize("mode", ["mean", "attention"])
+def test_same_assay_skip_matches_numpy_reference(mode):
+    model = small_model(same_assay=mode)
+    x, support, tc, ta = random_batch(n_bins=8, seed=7)
+    support[:, ta == 2] = False  # an assay no cell observes: its skip term is 0
+    qc = torch.tensor([0, 1, 4, 4, 2, 3])
+    qa = torch.tensor([3, 0, 1, 2, 2, 0])
+    with torch.no_grad():
+        model.same_assay_skip.weight.zero_()
+        without = model(x, support, tc, ta, qc, qa).numpy()
+        model.same_assay_skip.weight.normal_()
+        got = model(x, support, tc, ta, qc, qa).numpy()
+    np.testing.assert_allclose(got, numpy_forward(model, x, support, tc, ta, qc, qa),
+                               rtol=1e-4, atol=1e-4)
+    # The skip is not a no-op for any target ...
+    assert (np.abs(got - without)[:, qa != 2].max(axis=0) > 1e-3).all()
+    np.testing.assert_allclose(got[:, qa == 2], without[:, qa == 2], rtol=1e-6)  # ... but here
+
+
+def test_same_assay_skip_starts_as_the_papers_model():
+    """Zero skip weights: a new model with the skip predicts as the same model without."""
+    torch.manual_seed(4)
+    a = EDICE(ModelConfig(5, 4, embed_dim=16, decoder_hidden=32, same_assay="attention"))
+    torch.manual_seed(4)
+    b = EDICE(ModelConfig(5, 4, embed_dim=16, decoder_hidden=32))
+    x, support, tc, ta = random_batch(seed=2)
+    q = torch.tensor([0, 2, 4]), torch.tensor([1, 1, 3])
+    with torch.no_grad():
+        np.testing.assert_array_equal(a.eval()(x, support, tc, ta, *q).numpy(),
+                                      b.eval()(x, support, tc, ta, *q).numpy())
+
+
+@pytest.mark.parametrize("same_assay", ["none", "attention"])
+def test_per_bin_targets_match_reference(same_assay):
+    model = small_model(decoder_layers=3, same_assay=same_assay)
     x, support, tc, ta = random_batch(n_bins=4, seed=3)
     rng = np.random.default_rng(0)
     qc = torch.from_numpy(rng.integers(0, 5, size=(4, 6)))
@@ -403,8 +461,9 @@ def test_training_decoder_is_inverted_dropout_after_each_relu():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_extend_vocab_keeps_old_predictions():
-    model = small_model()
+@pytest.mark.parametrize("same_assay", ["none", "attention"])
+def test_extend_vocab_keeps_old_predictions(same_assay):
+    model = small_model(same_assay=same_assay)
     x, support, tc, ta = random_batch(seed=29)
     qc, qa = torch.tensor([0, 3, 4]), torch.tensor([1, 0, 3])
     big = extend_vocab(model, 7, 6).eval()
@@ -419,6 +478,10 @@ def test_extend_vocab_keeps_old_predictions():
         assert (big.assay_embed.linear.weight[:, 5:] == 0).all()
         # New nodes can be targets.
         assert torch.isfinite(big(x, support, tc, ta, torch.tensor([6]), torch.tensor([5]))).all()
+        if same_assay != "none":  # a new assay's read-out starts at the old ones' mean
+            w = model.same_assay_skip.weight
+            np.testing.assert_allclose(big.same_assay_skip.weight[4:].numpy(),
+                                       w.mean(0).expand(2, -1, -1).numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="only grows"):
         extend_vocab(model, 4, 4)
     # A new individual's tissue may start from that tissue's rows in other individuals.

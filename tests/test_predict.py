@@ -34,8 +34,11 @@ def _forward(model, x, cols, tc, ta, kc, ka, device="cpu"):
     return out.float().cpu().numpy().T
 
 
-def test_equals_forward_float32(device, monkeypatch):
-    model = _model()
+@pytest.mark.parametrize("same_assay", ["none", "mean", "attention"])
+def test_equals_forward_float32(device, monkeypatch, same_assay):
+    model = _model(same_assay=same_assay)
+    if model.same_assay_skip is not None:  # a read-out that matters
+        torch.nn.init.normal_(model.same_assay_skip.weight, std=0.1)
     x, tc, ta = _data()
     cols = np.array([0, 2, 3, 5, 8, 9, 11, 13])
     # Repeated cells and assays, a repeated target, and targets that are supports.
