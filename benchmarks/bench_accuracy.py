@@ -61,6 +61,9 @@ VARIANTS = {
     "noskip": {"same_assay": "none", "refit": "false"},
     "mean": {"same_assay": "mean", "refit": "false"},
     "attention": {"same_assay": "attention", "refit": "false"},
+    "attention_pw1": {"same_assay": "attention", "peak_weight": "1", "refit": "false"},
+    "attention_pw3": {"same_assay": "attention", "peak_weight": "3", "refit": "false"},
+    "noskip_pw1": {"same_assay": "none", "peak_weight": "1", "refit": "false"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
 METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "catch1obs", "auprc")
@@ -89,7 +92,7 @@ def consortium(root: str, shape: str, seed: int) -> dict:
             "truth": os.path.join(sim, "truth", "targets.tsv")}
 
 
-def run_variant(c: dict, variant: str) -> dict:
+def run_variant(c: dict, variant: str, extra: dict | None = None) -> dict:
     """Train, impute and evaluate one variant; returns {track: {method: metrics}}."""
     from edice_dist.evaluate import evaluate
     from edice_dist.impute import impute
@@ -97,7 +100,7 @@ def run_variant(c: dict, variant: str) -> dict:
     from edice_dist.trainconfig import load_config
 
     d = os.path.join(c["dir"], variant)
-    cfg = load_config(None, {**SMALL, **VARIANTS[variant]})
+    cfg = load_config(None, {**SMALL, **VARIANTS[variant], **(extra or {})})
     t = time.perf_counter()
     res = _run(f"train {variant}", train, c["store"], os.path.join(d, "model"), cfg)
     train_s = time.perf_counter() - t
@@ -221,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", help="a checkout of the authors' eDICE (alex-hh/eDICE)")
     ap.add_argument("--reference-python", help="the python of tensorflow-cpu==2.15.1")
     ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="training settings for every variant (e.g. cpus_per_worker=1)")
     a = ap.parse_args(argv)
     from edice_dist import raycluster
 
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
         c = consortium(a.out, shape, seed)
         per = {}
         for v in a.variants:
-            per[v] = run_variant(c, v)
+            per[v] = run_variant(c, v, dict(kv.split("=", 1) for kv in a.set))
         if a.reference:
             per["reference"] = run_reference(c, a.reference,
                                              a.reference_python or sys.executable)

@@ -130,7 +130,9 @@ def describe(model_dir: str) -> str:
         f"model        {model_dir}",
         f"format       {meta['format']} v{meta['format_version']} (edice-dist {meta.get('tool_version')})",
         f"architecture d={cfg['embed_dim']}, {cfg['n_heads']} heads, ffn {cfg['ffn_dim']}, "
-        f"decoder {cfg['decoder_layers']}x{cfg['decoder_hidden']}; {n_params:,} parameters",
+        f"decoder {cfg['decoder_layers']}x{cfg['decoder_hidden']}, context "
+        f"{list(cfg.get('context') or []) or 'none'}, same-assay skip "
+        f"{cfg.get('same_assay', 'none')}; {n_params:,} parameters",
         f"vocabulary   {len(meta['cell_keys'])} cell types, {len(meta['assays'])} assays "
         f"({', '.join(meta['assays'])})",
         f"transform    {meta['transform']}",

@@ -45,7 +45,7 @@ RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
 # Keys added after model folders began recording their config, with the value that runs
 # recorded without them had: a folder from before a key was added still resumes.
 LATER_KEYS = {"refit": False, "mask_cells": 0.0, "individual_bias": False,
-              "same_assay": "none"}
+              "same_assay": "none", "peak_weight": 0.0}
 
 
 @dataclass
@@ -67,6 +67,9 @@ class TrainConfig(Architecture):
     # bias, so a person's other tissues inform a tissue of theirs (no effect without
     # individuals; BENCHMARKS.md, Personalised imputation).
     individual_bias: bool = True
+    # Loss weight of target bins in peaks (-log10 p >= 2) is 1 + this: MSE alone lets a
+    # model flatten the rare peaks to win on the background (BENCHMARKS.md, Peaks).
+    peak_weight: float = 0.0
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50
@@ -103,6 +106,8 @@ class TrainConfig(Architecture):
         for k in ("max_target_fraction", "val_fraction"):
             if not 0 < getattr(self, k) < 1:
                 raise InputError(f"Config key {k} must be in (0, 1), got {getattr(self, k)}.")
+        if not self.peak_weight >= 0:
+            raise InputError(f"Config key peak_weight must be >= 0, got {self.peak_weight}.")
         if not self.lr > 0:
             raise InputError(f"Config key lr must be positive, got {self.lr}.")
         if self.patience < 1 or self.min_delta < 0 or self.max_failures < -1:

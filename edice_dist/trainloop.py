@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import _faults, checkpoint, storage
 from .checkpoint import HISTORY_COLUMNS, METRICS, STATE
 from .errors import InputError
+from .metrics import PEAK_PVAL
 from .model import EDICE, ModelConfig, extend_vocab, init_seed
 from .predict import resolve_dtype
 from .sampler import (
@@ -137,6 +137,19 @@ def _initial_model(config: WorkerConfig, state: dict | None) -> EDICE:
     return EDICE(mcfg)
 
 
+PEAK_ARCSINH = math.asinh(PEAK_PVAL)
+"""The peak threshold (-log10 p >= 2) in the model's arcsinh space."""
+
+
+def weighted_mse(pred: torch.Tensor, y: torch.Tensor, peak_weight: float) -> torch.Tensor:
+    """Mean squared error, each target bin in a peak (``y >= PEAK_ARCSINH``) weighted
+    ``1 + peak_weight`` (plain MSE when 0)."""
+    err = (pred - y).square()
+    if peak_weight:
+        err = err * (1 + peak_weight * (y >= PEAK_ARCSINH).to(err.dtype))
+    return err.mean()
+
+
 def finetune_trainable(model: EDICE, n_base_cells: int, n_base_assays: int) -> dict:
     """Freeze what SPEC 2.7 freezes; return {parameter: number of leading frozen rows} for
     the embedding tables whose new rows train (their old rows get zero gradients)."""
@@ -238,7 +251,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
             with autocast_for(device, cfg.precision):
                 pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
                              in_assays[b.target])
-            loss = F.mse_loss(pred.float(), b.y)
+            loss = weighted_mse(pred.float(), b.y, cfg.peak_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p, n_old in masks.items():

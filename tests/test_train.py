@@ -68,10 +68,24 @@ def test_config_file_and_overrides(tmp_path):
     ({"lr": "-1"}, "lr must be positive"),
     ({"embed_dim": "30", "n_heads": "4"}, "divisible"),
     ({"val_fraction": "0"}, "val_fraction"),
+    ({"peak_weight": "-1"}, "peak_weight must be >= 0"),
+    ({"same_assay": "knn"}, "same_assay must be one of none, mean, attention"),
 ])
 def test_bad_config_is_a_clear_error(over, match):
     with pytest.raises(InputError, match=match):
         load_config(None, over)
+
+
+def test_weighted_mse_weights_peak_bins():
+    rng = np.random.default_rng(0)
+    y = np.arcsinh(rng.gamma(0.5, 3.0, (64, 9))).astype(np.float32)
+    pred = y + rng.normal(0, 0.5, y.shape).astype(np.float32)
+    w = np.where(y >= np.arcsinh(2.0), 4.0, 1.0)  # -log10 p >= 2 is a peak bin
+    assert (w > 1).any() and (w == 1).any()
+    got = trainloop.weighted_mse(torch.from_numpy(pred), torch.from_numpy(y), 3.0)
+    np.testing.assert_allclose(float(got), np.mean(w * (pred - y) ** 2), rtol=1e-5)
+    plain = trainloop.weighted_mse(torch.from_numpy(pred), torch.from_numpy(y), 0.0)
+    np.testing.assert_allclose(float(plain), np.mean((pred - y) ** 2), rtol=1e-5)
 
 
 def test_bad_config_file(tmp_path):
@@ -390,7 +404,8 @@ def test_finetune_trains_what_spec_2_7_says(seeded_runs, new_store, tmp_path):
     old, new = base.state_dict(), ft.state_dict()
     # Frozen: attention blocks and the old global embedding rows.
     for k in old:
-        if k.startswith(("cell_context", "assay_context")):
+        if k.startswith(("cell_context", "assay_context", "same_assay_skip.query",
+                         "same_assay_skip.key")):
             assert torch.equal(old[k], new[k]), k
     assert torch.equal(new["cell_embed.table.weight"][:nb], old["cell_embed.table.weight"])
     assert torch.equal(new["assay_embed.table.weight"][:na], old["assay_embed.table.weight"])
@@ -399,6 +414,8 @@ def test_finetune_trains_what_spec_2_7_says(seeded_runs, new_store, tmp_path):
     assert not torch.allclose(new["cell_embed.table.weight"][nb], start)
     assert not torch.equal(new["decoder.1.weight"], old["decoder.1.weight"])
     assert not torch.equal(new["cell_embed.linear.weight"][:, :na], old["cell_embed.linear.weight"])
+    if "same_assay_skip.weight" in old:  # the skip's read-out trains like the decoder
+        assert not torch.equal(new["same_assay_skip.weight"][:na], old["same_assay_skip.weight"])
 
 
 def test_finetune_bad_input(seeded_runs, new_store, small_store, tmp_path):
