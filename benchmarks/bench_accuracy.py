@@ -56,14 +56,18 @@ SMALL = {"embed_dim": "64", "decoder_hidden": "512", "n_targets": "30", "epochs"
          "bins_per_epoch": "60000", "batch_size": "256", "seed": "1"}
 VARIANTS = {
     "default": {},
+    "before": {"same_assay": "none", "peak_weight": "0"},
     "selection": {"refit": "false"},
-    "paper": {"context": "none", "same_assay": "none", "refit": "false"},
-    "noskip": {"same_assay": "none", "refit": "false"},
-    "mean": {"same_assay": "mean", "refit": "false"},
-    "attention": {"same_assay": "attention", "refit": "false"},
-    "attention_pw1": {"same_assay": "attention", "peak_weight": "1", "refit": "false"},
-    "attention_pw3": {"same_assay": "attention", "peak_weight": "3", "refit": "false"},
-    "noskip_pw1": {"same_assay": "none", "peak_weight": "1", "refit": "false"},
+    "paper": {"context": "none", "same_assay": "none", "peak_weight": "0", "refit": "false"},
+    "noskip": {"same_assay": "none", "peak_weight": "0", "refit": "false"},
+    "mean": {"same_assay": "mean", "peak_weight": "0", "refit": "false"},
+    "attention": {"same_assay": "attention", "peak_weight": "0", "refit": "false"},
+    "noskip_peak1": {"same_assay": "none", "peak_weight": "1", "refit": "false"},
+    "skip_peak0.1": {"same_assay": "attention", "peak_weight": "0.1", "refit": "false"},
+    "skip_peak0.2": {"same_assay": "attention", "peak_weight": "0.2", "refit": "false"},
+    "skip_peak0.3": {"same_assay": "attention", "peak_weight": "0.3", "refit": "false"},
+    "skip_peak0.5": {"same_assay": "attention", "peak_weight": "0.5", "refit": "false"},
+    "skip_peak1": {"same_assay": "attention", "peak_weight": "1", "refit": "false"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
 METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "catch1obs", "auprc")

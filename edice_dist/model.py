@@ -312,18 +312,18 @@ class EDICE(nn.Module):
 
     def encode(self, x, support, track_cells, track_assays, query_cells, query_assays):
         """Contextualised embeddings of the queried cells (B, Qc, d) and assays (B, Qa, d),
-        and the same-assay estimates of :class:`~edice_dist.sameassay.SameAssaySkip`
-        ((B, Qc', Qa, H, C); None without the skip)."""
+        and what :class:`~edice_dist.sameassay.SameAssaySkip` needs of the batch (None
+        without the skip)."""
         grid, count = self.support_grid(x, support, track_cells, track_assays)
         y_c, y_a, nc, na = self._node_vectors(grid, count)
         h_c = self.cell_embed(y_c)
         h_a = self.assay_embed(y_a)
         c_ctx = self.cell_context(h_c, nc > 0, query_cells, self.individual_bias(query_cells))
         a_ctx = self.assay_context(h_a, na > 0, query_assays)
-        est = None
+        skip = None
         if self.same_assay_skip is not None:
-            est = self.same_assay_skip.estimates(grid, count, h_c, c_ctx, query_assays)
-        return c_ctx, a_ctx, est
+            skip = self.same_assay_skip.prepare(grid, count, h_c, c_ctx, query_assays)
+        return c_ctx, a_ctx, skip
 
     def contextualise(self, x, support, track_cells, track_assays, query_cells, query_assays):
         """Contextualised embeddings of the queried cells (B, Qc, d) and assays (B, Qa, d)."""
@@ -378,8 +378,8 @@ class EDICE(nn.Module):
         with fp32:
             q_cells, pos_c = torch.unique(target_cells, return_inverse=True)
             q_assays, pos_a = torch.unique(target_assays, return_inverse=True)
-            c_ctx, a_ctx, est = self.encode(x, support, track_cells, track_assays, q_cells,
-                                            q_assays)
+            c_ctx, a_ctx, state = self.encode(x, support, track_cells, track_assays, q_cells,
+                                              q_assays)
             pc, pa = self.first_layer_halves(c_ctx, a_ctx)
             if pos_c.dim() == 1:
                 z = pc[:, pos_c] + pa[:, pos_a]
@@ -389,7 +389,7 @@ class EDICE(nn.Module):
                 z = (pc.reshape(-1, H).index_select(0, (rows * Qc + pos_c).flatten())
                      + pa.reshape(-1, H).index_select(
                          0, (rows * pa.shape[1] + pos_a).flatten())).view(*pos_c.shape, H)
-            skip = None if est is None else self.same_assay_skip(est, pos_c, pos_a, q_assays)
+            skip = None if state is None else self.same_assay_skip(state, pos_c, pos_a, q_assays)
         out = self.decode_hidden(z)
         return out if skip is None else out + skip.to(out.dtype)
 

@@ -383,14 +383,14 @@ def predict_chunk(
             b1 = min(b0 + batch_bins, n_bins)
             xb = xs[b0:b0 + batch_bins].to(dev, non_blocking=True)
             sup = torch.ones(xb.shape[:2], dtype=torch.bool, device=dev)
-            c_ctx, a_ctx, est = m.encode(xb, sup, tc, ta, q_cells, q_assays)
+            c_ctx, a_ctx, skip = m.encode(xb, sup, tc, ta, q_cells, q_assays)
             pc, pa = pred.first_layer(c_ctx, a_ctx)
             for k0 in range(0, K, k_block):
                 k1 = min(k0 + k_block, K)
                 pk_c, pk_a = pos_c[k0:k0 + k_block], pos_a[k0:k0 + k_block]
                 y = pred.decode(pc, pa, pk_c, pk_a)
-                if est is not None:  # the same-assay skip is linear: float32 is cheap
-                    y = y + m.same_assay_skip(est, pk_c, pk_a, q_assays).T
+                if skip is not None:  # float32: a few multiply-adds per target and cell
+                    y = y + m.same_assay_skip(skip, pk_c, pk_a, q_assays).T
                 out[k0:k1, b0:b1] = y[: k1 - k0, : b1 - b0].cpu().numpy()
                 if samples:
                     sd = _mc_spread(pred, pc, pa, pk_c, pk_a, samples, cfg.decoder_dropout)

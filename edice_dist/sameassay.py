@@ -68,9 +68,11 @@ class SameAssaySkip(nn.Module):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
-    def estimates(self, grid: torch.Tensor, count: torch.Tensor, h_c: torch.Tensor,
-                  c_ctx: torch.Tensor, q_assays: torch.Tensor) -> torch.Tensor:
-        """The per-head same-assay means.
+    def prepare(self, grid: torch.Tensor, count: torch.Tensor, h_c: torch.Tensor,
+                c_ctx: torch.Tensor, q_assays: torch.Tensor) -> tuple:
+        """What :meth:`forward` needs of a batch: the queried assays' per-cell means and
+        observed masks, and (``attention``) the queries of the queried cells and the keys
+        of every cell.
 
         Parameters
         ----------
@@ -82,33 +84,26 @@ class SameAssaySkip(nn.Module):
 
         Returns
         -------
-        (B, Qc', Qa, H, C): Qc' is Qc, or 1 for ``mean`` (the same for every cell); zero
-        where no cell observes the assay at the bin.
+        (g, s, q, k): g (B, Qa, N, C) the mean of each cell's supports of each queried
+        assay; s (B, Qa, N) 1 where the cell observes it; q (B, Qc, H, HEAD_DIM) and
+        k (B, N, H, HEAD_DIM), None for ``mean``.
         """
-        cnt = count[:, :, q_assays]
-        g = grid[:, :, q_assays] / cnt.clamp(min=1)[..., None]
+        cnt = count[:, :, q_assays].transpose(1, 2)
+        g = grid[:, :, q_assays].transpose(1, 2) / cnt.clamp(min=1)[..., None]
         s = (cnt > 0).to(g.dtype)
         if self.mode == "mean":
-            num = g.sum(1)
-            den = s.sum(1)
-            return (num / den.clamp(min=1)[..., None])[:, None, :, None, :]
+            return g, s, None, None
         B, Qc, _ = c_ctx.shape
-        q = self.query(c_ctx).view(B, Qc, self.heads, HEAD_DIM)
-        k = self.key(h_c).view(B, h_c.shape[1], self.heads, HEAD_DIM)
-        logits = torch.einsum("bqhd,bnhd->bhqn", q, k) / math.sqrt(HEAD_DIM)
-        logits = LOGIT_CAP * torch.tanh(logits / LOGIT_CAP)
-        p = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
-        num = torch.einsum("bhqn,bnac->bqahc", p, g)
-        den = torch.einsum("bhqn,bna->bqah", p, s)
-        return num / den.clamp(min=1e-30)[..., None]
+        q = self.query(c_ctx).view(B, Qc, self.heads, HEAD_DIM) / math.sqrt(HEAD_DIM)
+        return g, s, q, self.key(h_c).view(B, h_c.shape[1], self.heads, HEAD_DIM)
 
-    def forward(self, est: torch.Tensor, pos_c: torch.Tensor, pos_a: torch.Tensor,
+    def forward(self, state: tuple, pos_c: torch.Tensor, pos_a: torch.Tensor,
                 q_assays: torch.Tensor) -> torch.Tensor:
         """The skip term of each target.
 
         Parameters
         ----------
-        est : (B, Qc', Qa, H, C) from :meth:`estimates`.
+        state : from :meth:`prepare`.
         pos_c, pos_a : (K,) or (B, K) long, each target's position among the queried cells
             and assays.
         q_assays : (Qa,) long.
@@ -117,11 +112,21 @@ class SameAssaySkip(nn.Module):
         -------
         (B, K)
         """
-        w = SKIP_SCALE * self.weight[q_assays]  # (Qa, H, C)
-        pc = pos_c if est.shape[1] > 1 else torch.zeros_like(pos_c)
+        g, s, q, k = state
         if pos_c.dim() == 1:
-            e = est[:, pc, pos_a]  # (B, K, H, C)
-        else:
-            rows = torch.arange(est.shape[0], device=est.device)[:, None]
-            e = est[rows, pc, pos_a]
-        return (e * w[pos_a].to(e.dtype)).sum(dim=(-1, -2))
+            gk, sk = g[:, pos_a], s[:, pos_a]  # (B, K, N, C), (B, K, N)
+            qk = None if q is None else q[:, pos_c]  # (B, K, H, HEAD_DIM)
+        else:  # per-bin targets
+            rows = torch.arange(g.shape[0], device=g.device)[:, None]
+            gk, sk = g[rows, pos_a], s[rows, pos_a]
+            qk = None if q is None else q[rows, pos_c]
+        if qk is None:  # AVG: the plain mean over the cells that observe the assay
+            est = (gk.sum(2) / sk.sum(2).clamp(min=1)[..., None])[:, :, None]
+        else:  # each head's weighted mean over them; 0 where none does
+            logits = LOGIT_CAP * torch.tanh(torch.einsum("bkhd,bnhd->bkhn", qk, k) / LOGIT_CAP)
+            p = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+            num = torch.einsum("bkhn,bknc->bkhc", p, gk)
+            den = torch.einsum("bkhn,bkn->bkh", p, sk)
+            est = num / den.clamp(min=1e-30)[..., None]
+        w = SKIP_SCALE * self.weight[q_assays][pos_a]  # (K or B x K, H, C)
+        return (est * w.to(est.dtype)).sum(dim=(-1, -2))

@@ -56,8 +56,13 @@ class TrainConfig(Architecture):
     """
 
     # New models also read each support's means over windows of 9, 41 and 201 bins around
-    # the bin (BENCHMARKS.md, Quality); ``context=none`` trains the paper's model exactly.
+    # the bin (BENCHMARKS.md, Quality). The paper's model exactly: ``context=none
+    # same_assay=none peak_weight=0``.
     context: tuple[int, ...] = (4, 20, 100)
+    # New models also read the target assay's signal in the cells most like the target
+    # cell straight into the output (:mod:`edice_dist.sameassay`; BENCHMARKS.md, Peaks and
+    # broad domains); ``same_assay=none`` is the paper's decoder-only output.
+    same_assay: Literal["none", "mean", "attention"] = "attention"
     n_targets: int = 120  # targets per bin (paper: 120) ...
     max_target_fraction: float = 0.5  # ... but at most this share of the training tracks
     # Share of training bins where one random cell has every track as a target (no
@@ -67,9 +72,10 @@ class TrainConfig(Architecture):
     # bias, so a person's other tissues inform a tissue of theirs (no effect without
     # individuals; BENCHMARKS.md, Personalised imputation).
     individual_bias: bool = True
-    # Loss weight of target bins in peaks (-log10 p >= 2) is 1 + this: MSE alone lets a
-    # model flatten the rare peaks to win on the background (BENCHMARKS.md, Peaks).
-    peak_weight: float = 0.0
+    # The loss is MSE + this x the MSE on the target bins in peaks (-log10 p >= 2): MSE
+    # alone lets a model flatten the rare peaks to win on the background (BENCHMARKS.md,
+    # Peaks and broad domains).
+    peak_weight: float = 0.3
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50

@@ -76,16 +76,20 @@ def test_bad_config_is_a_clear_error(over, match):
         load_config(None, over)
 
 
-def test_weighted_mse_weights_peak_bins():
+def test_training_loss_adds_the_mse_on_peak_bins():
     rng = np.random.default_rng(0)
     y = np.arcsinh(rng.gamma(0.5, 3.0, (64, 9))).astype(np.float32)
     pred = y + rng.normal(0, 0.5, y.shape).astype(np.float32)
-    w = np.where(y >= np.arcsinh(2.0), 4.0, 1.0)  # -log10 p >= 2 is a peak bin
-    assert (w > 1).any() and (w == 1).any()
-    got = trainloop.weighted_mse(torch.from_numpy(pred), torch.from_numpy(y), 3.0)
-    np.testing.assert_allclose(float(got), np.mean(w * (pred - y) ** 2), rtol=1e-5)
-    plain = trainloop.weighted_mse(torch.from_numpy(pred), torch.from_numpy(y), 0.0)
-    np.testing.assert_allclose(float(plain), np.mean((pred - y) ** 2), rtol=1e-5)
+    peak = y >= np.arcsinh(2.0)  # -log10 p >= 2 is a peak bin
+    assert peak.any() and (~peak).any()
+    err = (pred - y) ** 2
+    got = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 3.0)
+    np.testing.assert_allclose(float(got), err.mean() + 3.0 * err[peak].mean(), rtol=1e-5)
+    plain = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 0.0)
+    np.testing.assert_allclose(float(plain), err.mean(), rtol=1e-5)
+    flat = np.zeros_like(y)  # no peak in the batch: plain MSE, no division by zero
+    got = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(flat), 3.0)
+    np.testing.assert_allclose(float(got), np.mean(pred**2), rtol=1e-5)
 
 
 def test_bad_config_file(tmp_path):

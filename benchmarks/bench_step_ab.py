@@ -1,0 +1,92 @@
+"""Training-step cost of a model option: A against B, interleaved in one process.
+
+    python benchmarks/bench_step_ab.py [--size paper|small] [--steps 15] \\
+        [--a KEY=VALUE ...] [--b KEY=VALUE ...] [--threads 1] [--peak-weight W]
+
+Both models train on the same Roadmap-shaped batch (127 cell types x 24 assays, 1,014
+observed tracks, 120 targets per bin, 256 bins, with the default local-context channels)
+with forward, backward and Adam; their steps alternate A, B, A, B, ... so that a shared
+or noisy machine slows both alike, and the ratio of the medians is reported. ``paper``
+is the paper's model size; ``small`` the accuracy benchmarks' (embed_dim 64, decoder
+512, 30 targets). ``--peak-weight`` applies the peak-weighted loss to B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_train import BATCH, N_ASSAYS, N_CELLS, paper_batch  # noqa: E402
+
+from edice_dist.model import EDICE, ModelConfig  # noqa: E402
+from edice_dist.trainloop import training_loss  # noqa: E402
+
+SIZES = {"paper": {}, "small": {"embed_dim": 64, "decoder_hidden": 512}}
+TARGETS = {"paper": 120, "small": 30}
+CONTEXT = (4, 20, 100)
+
+
+def parse(kvs: list[str]) -> dict:
+    out = {}
+    for kv in kvs:
+        k, v = kv.split("=", 1)
+        out[k] = int(v) if v.isdigit() else v
+    return out
+
+
+def make(size: str, over: dict):
+    torch.manual_seed(0)
+    model = EDICE(ModelConfig(N_CELLS, N_ASSAYS, context=CONTEXT, **SIZES[size], **over))
+    return model.train(), torch.optim.Adam(model.parameters(), lr=3e-4)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--a", nargs="*", default=[])
+    ap.add_argument("--b", nargs="*", default=["same_assay=attention"])
+    ap.add_argument("--peak-weight", type=float, default=0.0)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    x, support, tc, ta, target, y = paper_batch()
+    k = TARGETS[a.size]
+    target, y = target[:, :k], y[:, :k]
+    support = torch.ones_like(support).scatter_(1, target, False)
+    # The context channels: any values do for timing.
+    xc = torch.stack([x, x * 0.9, x * 0.8, x * 0.7], dim=-1)
+    runs = {"A": (*make(a.size, parse(a.a)), 0.0),
+            "B": (*make(a.size, parse(a.b)), a.peak_weight)}
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    for i in range(a.steps + 1):
+        for name, (model, opt, pw) in runs.items():
+            t = time.perf_counter()
+            pred = model(xc, support, tc, ta, tc[target], ta[target])
+            loss = training_loss(pred.float(), y, pw)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:  # the first step warms up
+                times[name].append(time.perf_counter() - t)
+    med = {n: float(np.median(v)) for n, v in times.items()}
+    print(f"# bench_step_ab: size {a.size}, {a.threads} thread(s), {a.steps} steps each, "
+          f"{BATCH} bins x {k} targets; A {parse(a.a) or 'default'}, B {parse(a.b)}"
+          + (f", peak_weight {a.peak_weight}" if a.peak_weight else ""))
+    for n in ("A", "B"):
+        print(f"{n}: median step {med[n] * 1e3:.1f} ms, {BATCH / med[n]:.0f} bins/s, "
+              f"{runs[n][0].n_parameters():,} parameters")
+    print(f"B / A step time: {med['B'] / med['A']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
