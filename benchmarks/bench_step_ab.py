@@ -48,6 +48,36 @@ def make(size: str, over: dict):
     return model.train(), torch.optim.Adam(model.parameters(), lr=3e-4)
 
 
+def predict_ab(a) -> int:
+    """Imputation (:func:`edice_dist.predict.predict_chunk`) of ``a.predict`` targets over
+    ``a.bins`` bins with every observed track as a support, A and B interleaved."""
+    from edice_dist.predict import predict_chunk, prepare
+
+    x, _, tc, ta, _, _ = paper_batch()
+    xc = torch.stack([x, x * 0.9, x * 0.8, x * 0.7], dim=-1)
+    xc = xc.repeat(-(-a.bins // BATCH), 1, 1)[: a.bins].numpy()
+    rng = np.random.default_rng(1)
+    pairs = rng.choice(N_CELLS * N_ASSAYS, size=a.predict, replace=False)
+    kc, ka = pairs // N_ASSAYS, pairs % N_ASSAYS
+    preds = {n: prepare(make(a.size, parse(kv))[0]) for n, kv in (("A", a.a), ("B", a.b))}
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    for i in range(a.steps + 1):
+        for n, p in preds.items():
+            t = time.perf_counter()
+            predict_chunk(p, xc, np.arange(xc.shape[1]), tc.numpy(), ta.numpy(), kc, ka)
+            if i:
+                times[n].append(time.perf_counter() - t)
+    med = {n: float(np.median(v)) for n, v in times.items()}
+    print(f"# bench_step_ab --predict: size {a.size}, {a.threads} thread(s), {a.steps} chunks "
+          f"each of {xc.shape[0]} bins x {a.predict} targets, dtype {preds['A'].dtype}; "
+          f"A {parse(a.a) or 'default'}, B {parse(a.b)}")
+    for n in ("A", "B"):
+        print(f"{n}: median chunk {med[n]:.2f} s, {xc.shape[0] * a.predict / med[n]:,.0f} "
+              "target-bins/s")
+    print(f"B / A time: {med['B'] / med['A']:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -56,8 +86,13 @@ def main(argv=None) -> int:
     ap.add_argument("--a", nargs="*", default=[])
     ap.add_argument("--b", nargs="*", default=["same_assay=attention"])
     ap.add_argument("--peak-weight", type=float, default=0.0)
+    ap.add_argument("--predict", type=int, metavar="K", default=0,
+                    help="time imputation instead: K targets over --bins bins per step")
+    ap.add_argument("--bins", type=int, default=2048, help="bins per imputed chunk")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.predict:
+        return predict_ab(a)
     x, support, tc, ta, target, y = paper_batch()
     k = TARGETS[a.size]
     target, y = target[:, :k], y[:, :k]

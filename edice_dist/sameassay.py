@@ -84,18 +84,36 @@ class SameAssaySkip(nn.Module):
 
         Returns
         -------
-        (g, s, q, k): g (B, Qa, N, C) the mean of each cell's supports of each queried
-        assay; s (B, Qa, N) 1 where the cell observes it; q (B, Qc, H, HEAD_DIM) and
-        k (B, N, H, HEAD_DIM), None for ``mean``.
+        dict: ``g`` (B, Qa, N, C) the mean of each cell's supports of each queried assay;
+        ``s`` (B, Qa, N) 1 where the cell observes it; ``q`` (B, Qc, H, HEAD_DIM) and ``k``
+        (B, N, H, HEAD_DIM), None for ``mean``. :meth:`forward` caches in it what all the
+        targets of a batch share.
         """
         cnt = count[:, :, q_assays].transpose(1, 2)
         g = grid[:, :, q_assays].transpose(1, 2) / cnt.clamp(min=1)[..., None]
-        s = (cnt > 0).to(g.dtype)
-        if self.mode == "mean":
-            return g, s, None, None
-        B, Qc, _ = c_ctx.shape
-        q = self.query(c_ctx).view(B, Qc, self.heads, HEAD_DIM) / math.sqrt(HEAD_DIM)
-        return g, s, q, self.key(h_c).view(B, h_c.shape[1], self.heads, HEAD_DIM)
+        state = {"g": g, "s": (cnt > 0).to(g.dtype), "q": None, "k": None}
+        if self.mode == "attention":
+            B, Qc, _ = c_ctx.shape
+            state["q"] = self.query(c_ctx).view(B, Qc, self.heads, HEAD_DIM) / math.sqrt(HEAD_DIM)
+            state["k"] = self.key(h_c).view(B, h_c.shape[1], self.heads, HEAD_DIM)
+        return state
+
+    @staticmethod
+    def _weights(logits: torch.Tensor) -> torch.Tensor:
+        """Unnormalised attention weights over the last axis (cells), soft-capped."""
+        logits = LOGIT_CAP * torch.tanh(logits / LOGIT_CAP)
+        return torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+
+    def _all_pairs(self, g, s, q, k) -> torch.Tensor:
+        """(B, Qc, Qa, H, C + 1): for every queried cell and assay, each head's weighted
+        sums of the assay's per-cell means (C) and of its observed mask (1). The weights
+        depend on the cell only, so imputing many targets costs one batched product."""
+        B, Qc, H, _ = q.shape
+        Qa, N, C = g.shape[1:]
+        p = self._weights(torch.einsum("bchd,bnhd->bchn", q, k))  # (B, Qc, H, N)
+        gs = torch.cat([g, s[..., None]], dim=-1).permute(0, 2, 1, 3)  # (B, N, Qa, C + 1)
+        out = torch.bmm(p.reshape(B, Qc * H, N), gs.reshape(B, N, Qa * (C + 1)))
+        return out.view(B, Qc, H, Qa, C + 1).transpose(2, 3)
 
     def forward(self, state: tuple, pos_c: torch.Tensor, pos_a: torch.Tensor,
                 q_assays: torch.Tensor) -> torch.Tensor:
@@ -112,19 +130,23 @@ class SameAssaySkip(nn.Module):
         -------
         (B, K)
         """
-        g, s, q, k = state
-        if pos_c.dim() == 1:
-            gk, sk = g[:, pos_a], s[:, pos_a]  # (B, K, N, C), (B, K, N)
-            qk = None if q is None else q[:, pos_c]  # (B, K, H, HEAD_DIM)
-        else:  # per-bin targets
-            rows = torch.arange(g.shape[0], device=g.device)[:, None]
-            gk, sk = g[rows, pos_a], s[rows, pos_a]
-            qk = None if q is None else q[rows, pos_c]
-        if qk is None:  # AVG: the plain mean over the cells that observe the assay
+        g, s, q, k = state["g"], state["s"], state["q"], state["k"]
+        if q is None:  # AVG: the plain mean over the cells that observe the assay
+            if pos_c.dim() == 1:
+                gk, sk = g[:, pos_a], s[:, pos_a]  # (B, K, N, C), (B, K, N)
+            else:
+                rows = torch.arange(g.shape[0], device=g.device)[:, None]
+                gk, sk = g[rows, pos_a], s[rows, pos_a]
             est = (gk.sum(2) / sk.sum(2).clamp(min=1)[..., None])[:, :, None]
-        else:  # each head's weighted mean over them; 0 where none does
-            logits = LOGIT_CAP * torch.tanh(torch.einsum("bkhd,bnhd->bkhn", qk, k) / LOGIT_CAP)
-            p = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+        elif pos_c.dim() == 1:  # the same targets at every bin: all pairs in one product
+            if "pairs" not in state:
+                state["pairs"] = self._all_pairs(g, s, q, k)
+            e = state["pairs"][:, pos_c, pos_a]  # (B, K, H, C + 1)
+            est = e[..., :-1] / e[..., -1:].clamp(min=1e-30)
+        else:  # per-bin targets (training): the weights of each target's own cell
+            rows = torch.arange(g.shape[0], device=g.device)[:, None]
+            gk, sk, qk = g[rows, pos_a], s[rows, pos_a], q[rows, pos_c]
+            p = self._weights(torch.einsum("bkhd,bnhd->bkhn", qk, k))
             num = torch.einsum("bkhn,bknc->bkhc", p, gk)
             den = torch.einsum("bkhn,bkn->bkh", p, sk)
             est = num / den.clamp(min=1e-30)[..., None]
