@@ -28,6 +28,10 @@ SKIP_SCALE = 10.0
 """The skip weights are this times their parameters: Adam moves a parameter by about the
 learning rate per step, and a weight must reach ~0.3-1 within one or two epochs."""
 
+SKIP_MAX_LR = 3e-4
+"""The skip weights' learning rate is at most this (the paper's), whatever the model's:
+with the scale above, a larger one makes them jump (:func:`~edice_dist.trainloop.param_groups`)."""
+
 LOGIT_CAP = 15.0
 """Attention logits are soft-capped to +-this, so that ``exp(logit - max)`` of a
 supported cell never underflows float32 (e^-30 ~ 1e-13) and the weighted mean over only

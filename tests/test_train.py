@@ -263,12 +263,15 @@ def _numpy_val_check(store_path: str, model_dir: str) -> tuple[float, float]:
 
 def test_training_beats_avg_and_survives_a_killed_worker(sim_store, tmp_path, monkeypatch):
     """The selection run itself (refit=false): the model kept is the best epoch on the
-    held-out validation tracks, which it never trained on."""
+    held-out validation tracks, which it never trained on. Plain MSE as the loss
+    (peak_weight=0), so that the held-out MSE checked below is what it minimises; the
+    peak term trades some of it for peaks (BENCHMARKS.md, Peaks and broad domains)."""
     out = str(tmp_path / "model")
     cfg = load_config(None, {"embed_dim": "32", "ffn_dim": "32", "decoder_hidden": "128",
                              "lr": "3e-3", "epochs": "3", "bins_per_epoch": "12000",
                              "batch_size": "64", "val_bins": "3000", "workers": "2",
-                             "seed": "0", "max_failures": "2", "refit": "false"})
+                             "seed": "0", "max_failures": "2", "refit": "false",
+                             "peak_weight": "0"})
     monkeypatch.setenv(_faults.ENV, json.dumps({"train_exit_epoch": 2}))
     res = train(sim_store, out, cfg)
     assert res["status"] == "trained"
