@@ -138,9 +138,9 @@ def run_stage(name: str, args: list[str], output: str, log: str, env: dict | Non
         ``disk_written_mb`` (write_bytes), ``fds`` (tree), ``fds_proc``,
         ``data_fds_proc`` (peaks), ``disk_bytes`` and ``files`` of ``output``.
     """
-    env = dict(os.environ, **(env or {}),
-               PYTHONPATH=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
-               RAY_DEDUP_LOGS="0")
+    env = {**os.environ,
+           "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
+           "RAY_DEDUP_LOGS": "0", **(env or {})}  # the caller's may name another checkout
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
     with open(log, "a") as lf:

@@ -147,6 +147,28 @@ def scaling(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+UNITS = {  # what each stage's work is proportional to, for rates per unit
+    "simulate": ("pairs", "G pair-bins"), "ingest": ("observed", "G track-bins"),
+    "train": (None, "training run"), "impute": ("targets", "G target-bins"),
+    "export": ("targets", "G target-bins"), "evaluate": ("targets", "G target-bins"),
+}
+
+
+def rates(results: list[dict]) -> str:
+    """CPU seconds per unit of work (tracks or targets x bins): flat when time grows
+    linearly in tracks x bins."""
+    head = "| stage | unit | " + " | ".join(f"{r['observed']:,} tracks" for r in results) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(results)]
+    for i, stage in enumerate(s["stage"] for s in results[0]["stages"]):
+        key, unit = UNITS[stage]
+        cells = []
+        for r in results:
+            cpu = r["stages"][i]["cpu_s"]
+            cells.append(f"{cpu:,.0f}" if key is None else f"{cpu / (r[key] * r['bins'] / 1e9):,.0f}")
+        lines.append(f"| {stage} | CPU s per {unit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="work folder")
@@ -175,6 +197,8 @@ def main(argv=None) -> None:
         if not a.keep:
             shutil.rmtree(os.path.join(a.out, f"tracks-{t}"), ignore_errors=True)
     print(table(results))
+    print()
+    print(rates(results))
     if len(results) > 1:
         print()
         print(scaling(results))
