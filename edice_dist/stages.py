@@ -20,7 +20,6 @@ stays fast).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -272,16 +271,9 @@ def _export(p, o):
 
 def _evaluate(p, o):
     from .evaluate import PARALLEL_MIN_TRACKS, evaluate
-    from .truth import read_truth
 
-    # A consortium's evaluation is thousands of independent track passes: run them as Ray
-    # tasks on every CPU (a few tracks are quicker here than Ray's start).
-    if len(read_truth(p["truth"])) >= PARALLEL_MIN_TRACKS and (os.cpu_count() or 1) > 1:
-        from .raycluster import init
-
-        init()
     return evaluate(p["truth"], p["imputed"], store=p.get("store"), out=p.get("out"),
-                    **dataclasses.asdict(o))
+                    start_ray_from=PARALLEL_MIN_TRACKS, **dataclasses.asdict(o))
 
 
 def _personal(workflow: str):
