@@ -11,10 +11,12 @@ averages the same columns), so the distinct sets are averaged together here, one
 all tracks at a time, into a small Zarr group beside the evaluation's tables::
 
     OUT/_baselines/zarr.json     attributes: groups (the column sets), space, store
-    OUT/_baselines/<array_key>   float32 (n_bins, n_groups), chunks (chunk_bins, n_groups)
+    OUT/_baselines/<array_key>   float32 (n_bins, n_groups), shards (chunk_bins, n_groups)
+                                 of inner chunks (chunk_bins, 1)
 
-The evaluation jobs read their column of it (:func:`read`); it is removed when they are
-done. Values are those of :func:`edice_dist.evaluate.baseline_window` to the bit: the same
+The evaluation jobs read their column of it (:func:`read`: one inner chunk per store
+chunk, not the other sets, whose number grows with the truth tracks when TrackAVG sets are
+per individual); it is removed when they are done. Values are those of :func:`edice_dist.evaluate.baseline_window` to the bit: the same
 float32 reads, transform and mean. Work is split into parts of whole chunks, Ray tasks
 when Ray is running, each writing only its own chunks (STACK_NOTES: zarr writers must own
 whole chunks); memory is one chunk of all tracks per part.
@@ -89,7 +91,8 @@ def compute(store, groups: list[tuple[int, ...]], out: str, space: str,
     parts = []
     for c in store.attrs["chroms"]:
         root.create_array(c["array"], shape=(c["n_bins"], len(groups)), dtype="float32",
-                          chunks=(store.chunk_bins, len(groups)), fill_value=0.0)
+                          chunks=(store.chunk_bins, 1), shards=(store.chunk_bins, len(groups)),
+                          fill_value=0.0)
         step = store.chunk_bins * MAX_PART_CHUNKS
         parts += [(c["name"], a, min(a + step, c["n_bins"])) for a in range(0, c["n_bins"], step)]
     n_chunks = sum(-(-(b - a) // store.chunk_bins) for _, a, b in parts)
