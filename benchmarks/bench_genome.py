@@ -30,13 +30,11 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference import proc_cpu, tree_pids  # noqa: E402  (benchmarks/reference.py)
+from _measure import run_stage  # noqa: E402  (benchmarks/_measure.py)
 
 HG38 = {
     "chr1": 248956422, "chr2": 242193529, "chr3": 198295559, "chr4": 190214555,
@@ -52,67 +50,6 @@ SIM = {"n_cell_types": 4, "n_tissues": 2, "assays": "H3K4me3,H3K27ac,H3K4me1,H3K
        "zoom_levels": 0, "workers": 2}
 TRAIN = {"embed_dim": 16, "n_heads": 2, "ffn_dim": 16, "decoder_hidden": 32, "epochs": 2,
          "bins_per_epoch": 50000, "batch_size": 256, "val_bins": 20000, "seed": 0}
-
-
-# ------------------------------------------------------------------ measuring
-def pss(pid: int) -> int:
-    """PSS bytes of one process (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-    except (OSError, StopIteration, IndexError, ValueError):
-        return 0
-
-
-class Sampler(threading.Thread):
-    """Peak summed PSS of a process tree and the CPU seconds of its processes."""
-
-    def __init__(self, pid: int, every: float = 1.0):
-        super().__init__(daemon=True)
-        self.pid, self.every = pid, every
-        self.peak = 0
-        self.cpu: dict[int, float] = {}
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            total = 0
-            for p in tree_pids(self.pid):  # processes only, not threads
-                total += pss(p)
-                self.cpu[p] = max(self.cpu.get(p, 0.0), proc_cpu(p) or 0.0)
-            self.peak = max(self.peak, total)
-            self.stopping.wait(self.every)
-
-
-def du(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
-def run_stage(name: str, args: list[str], output: str, log: str) -> dict:
-    """Run ``edice ARGS`` in a fresh process and measure it."""
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."),
-               RAY_DEDUP_LOGS="0")
-    env.pop("RAY_ADDRESS", None)
-    t0 = time.perf_counter()
-    with open(log, "a") as lf:
-        lf.write(f"\n=== {name}: edice {' '.join(args)}\n")
-        lf.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "edice_dist", *args], env=env,
-                                stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        mem = Sampler(proc.pid)
-        mem.start()
-        rc = proc.wait()
-    wall = time.perf_counter() - t0
-    mem.stopping.set()
-    mem.join()
-    if rc:
-        raise SystemExit(f"{name} failed with status {rc}; see {log}")
-    row = {"stage": name, "wall_s": wall, "cpu_s": sum(mem.cpu.values()),
-           "peak_pss_mib": mem.peak / 2**20, "disk_bytes": du(output)}
-    print(json.dumps(row), flush=True)
-    return row
 
 
 # ------------------------------------------------------------------ one genome

@@ -417,16 +417,22 @@ def make_plan(cfg: SimConfig) -> Plan:
 
     held = np.zeros_like(measured)
     key_ct = np.array([k[0] for k in keys])
-    key_ind = np.array([k[1] for k in keys])
+    obs_per_key = measured.sum(axis=1)  # observed (measured, not held) tracks per cell key
 
-    def can_hold(k: int, a: int) -> bool:
-        obs = measured & ~held
-        if not obs[k, a] or obs[k].sum() < 3 or obs[:, a].sum() < 3:
-            return False
+    def holdable(a: int) -> np.ndarray:
+        """Cell keys whose track of assay ``a`` may be held out, ascending: observed, its
+        cell keeps >= 2 others and the assay >= 2 other cells; with individuals, the same
+        cell type and assay observed in another individual (keys are unique per (cell
+        type, individual), so "another" is any other key of that cell type). Vectorised:
+        a per-key loop made a 1,000-track design cost minutes."""
+        obs_a = measured[:, a] & ~held[:, a]
+        ok = obs_a & (obs_per_key >= 3)
+        if obs_a.sum() < 3:
+            return np.flatnonzero(np.zeros(nk, bool))
         if individuals:
-            others = (key_ct == key_ct[k]) & (key_ind != key_ind[k])
-            return bool(obs[others, a].any())
-        return True
+            per_ct = np.bincount(key_ct[obs_a], minlength=nct)
+            ok &= per_ct[key_ct] - obs_a > 0
+        return np.flatnonzero(ok)
 
     n_held = 0
     while n_held < cfg.n_test:
@@ -434,9 +440,11 @@ def make_plan(cfg: SimConfig) -> Plan:
         for a in rng.permutation(na):
             if n_held >= cfg.n_test:
                 break
-            cands = [k for k in range(nk) if can_hold(k, a)]
-            if cands:
-                held[cands[rng.integers(len(cands))], a] = True
+            cands = holdable(a)
+            if len(cands):
+                k = cands[rng.integers(len(cands))]
+                held[k, a] = True
+                obs_per_key[k] -= 1
                 n_held += 1
                 picked = True
         if not picked:

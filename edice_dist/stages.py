@@ -270,10 +270,10 @@ def _export(p, o):
 
 
 def _evaluate(p, o):
-    from .evaluate import evaluate
+    from .evaluate import PARALLEL_MIN_TRACKS, evaluate
 
     return evaluate(p["truth"], p["imputed"], store=p.get("store"), out=p.get("out"),
-                    **dataclasses.asdict(o))
+                    start_ray_from=PARALLEL_MIN_TRACKS, **dataclasses.asdict(o))
 
 
 def _personal(workflow: str):

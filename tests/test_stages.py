@@ -160,7 +160,8 @@ def test_evaluate_and_export_options_reach_their_stage(calls, tmp_path, capsys):
     assert _cli(["evaluate", "--truth", tmp_path / "t.tsv", "--imputed", tmp_path / "bw",
                  "--space", "pval", "--no-plots"], capsys)[0] == 0
     a, k = _only(calls, "evaluate")
-    assert k == {"store": None, "out": None, "space": "pval", "plots": False}
+    assert k == {"store": None, "out": None, "space": "pval", "plots": False,
+                 "start_ray_from": 16}  # a consortium's evaluation runs on Ray
     assert _cli(_pipeline(tmp_path, "--evaluate.space=pval", "--evaluate.plots=false"),
                 capsys)[0] == 0
     a, k = _only(calls, "evaluate")
