@@ -57,6 +57,7 @@ SMALL = {"embed_dim": "64", "decoder_hidden": "512", "n_targets": "30", "epochs"
 VARIANTS = {
     "default": {},
     "before": {"same_assay": "none", "peak_weight": "0"},
+    "default_peak0.1": {"peak_weight": "0.1"},
     "selection": {"refit": "false"},
     "paper": {"context": "none", "same_assay": "none", "peak_weight": "0", "refit": "false"},
     "noskip": {"same_assay": "none", "peak_weight": "0", "refit": "false"},

@@ -75,7 +75,7 @@ class TrainConfig(Architecture):
     # The loss is MSE + this x the MSE on the target bins in peaks (-log10 p >= 2): MSE
     # alone lets a model flatten the rare peaks to win on the background (BENCHMARKS.md,
     # Peaks and broad domains).
-    peak_weight: float = 0.3
+    peak_weight: float = 0.1
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50
