@@ -24,7 +24,10 @@ unless told otherwise (local context, then the refit on every observed track for
 selected number of epochs: its final model sees at most the others' bin-samples, and the
 selection run before it costs as much again); ``selection`` is the default without the
 refit (the model chosen on the held-out validation tracks); ``paper`` is the paper's model
-(no context channels), without the refit.
+(no context channels, no same-assay skip, plain MSE), without the refit; ``before`` is the
+default before the same-assay skip and the peak term (refit included); ``noskip``,
+``mean``, ``attention``, ``skip_peak*`` and ``default_peak0.1`` are the steps measured in
+BENCHMARKS.md, "Peaks and broad domains".
 Prints per consortium and overall: the mean over held-out tracks of MSE, GWcorr, MSE on
 peaks (``mse_fg``), MSE on the truth's top 1 % (``mse1obs``), AUPRC, and the MSE of the
 broad marks, for every method; and on how many tracks each variant beats AVG.
