@@ -81,7 +81,9 @@ def consortium(root: str, data: str, split: int, n_bins: int | None) -> dict:
     os.makedirs(os.path.join(sim, "truth"), exist_ok=True)
     hidden = set(held_out(split))
     rows, truth = [], []
-    size = None
+    with np.load(os.path.join(data, f"{CELLS[0]}.{MARKS[0]}.pilot.arcsinh.npz")) as z:
+        n = len(z["arr_0"])
+    size = min(n, n_bins or n) * BIN
     for c in CELLS:
         for m in MARKS:
             sub = "truth" if (c, m) in hidden else "observed"
@@ -91,10 +93,10 @@ def consortium(root: str, data: str, split: int, n_bins: int | None) -> dict:
             if not os.path.exists(path):
                 with np.load(os.path.join(data, f"{c}.{m}.pilot.arcsinh.npz")) as z:
                     v = np.asarray(z["arr_0"], dtype=np.float32)[:n_bins]
+                if len(v) * BIN != size:
+                    raise SystemExit(f"bench_real: {c}.{m} has {len(v)} bins, "
+                                     f"{CELLS[0]}.{MARKS[0]} {size // BIN}: not one set")
                 write_bigwig(path, np.sinh(np.maximum(v, 0)))
-            if size is None:
-                with np.load(os.path.join(data, f"{c}.{m}.pilot.arcsinh.npz")) as z:
-                    size = min(len(z["arr_0"]), n_bins or len(z["arr_0"])) * BIN
             (truth if (c, m) in hidden else rows).append(f"{c}\t{m}\t{rel}")
     with open(os.path.join(sim, "chrom.sizes"), "w") as f:
         f.write(f"{CHROM}\t{size}\n")
