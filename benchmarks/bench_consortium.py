@@ -198,6 +198,7 @@ def main(argv=None) -> None:
                 json.dump(doc, f, indent=1)
         if not a.keep:
             shutil.rmtree(os.path.join(a.out, f"tracks-{t}"), ignore_errors=True)
+    results.sort(key=lambda r: r["observed"])  # the scaling rows are over the smallest
     print(table(results))
     print()
     print(rates(results))

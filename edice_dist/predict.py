@@ -28,6 +28,12 @@ from .model import EDICE, decoder_macs, first_layer_macs, keep_mask
 # blocks on a CPU (measured in benchmarks/bench_impute.py).
 ROWS_CPU = 8192
 ROWS_CUDA = 65536
+MIN_BATCH_BINS = 128
+"""The fewest bins of a batch sized from the target count. Each batch encodes every support
+once for all targets, and the decoder's first layer adds one (bins, H) row block per
+target: with thousands of targets, batches of 8 bins made both per-call overheads (a
+Roadmap-sized run imputed at 0.6x the speed of 128-bin batches; BENCHMARKS.md, issue 22).
+A block of targets then holds ``rows // batch_bins`` of them."""
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -261,7 +267,7 @@ def plan_batches(n_targets: int, rows: int, batch_bins: int | None = None) -> tu
     """(bins per batch, targets per block) so that a block has about ``rows`` decoder rows;
     the blocks split the targets evenly (every block is padded to the same size)."""
     if batch_bins is None:
-        batch_bins = max(8, rows // n_targets)
+        batch_bins = max(MIN_BATCH_BINS, rows // n_targets)
     if batch_bins <= 0:
         raise ValueError("batch_bins must be positive")
     k_max = max(1, rows // batch_bins)
