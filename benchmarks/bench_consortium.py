@@ -1,6 +1,6 @@
 """A full consortium on the track axis, end to end: Roadmap's shape at 250 to 1,000 tracks.
 
-    python benchmarks/bench_consortium.py --out DIR [--tracks 250 500 1000] [--bins 20000]
+    python benchmarks/bench_consortium.py --out DIR [--tracks 250 500 1000] [--bins 500000]
                                           [--json OUT]
 
 Roadmap measured 1,014 of 127 cell types x 24 assays (a third of the 3,048 pairs) and
@@ -174,9 +174,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="work folder")
     ap.add_argument("--tracks", type=int, nargs="+", default=[250, 500, 1000],
                     help="observed tracks of each consortium (targets are ~2x)")
-    ap.add_argument("--bins", type=int, default=20_000,
-                    help="25 bp bins of the genome slice (the default is the slice whose "
-                         "1,000-track point was measured to finish on a shared 2-core box)")
+    ap.add_argument("--bins", type=int, default=500_000,
+                    help="25 bp bins of the genome slice (12.5 Mbp by default: the 1,000-track "
+                         "point takes about 35 minutes on a quiet 2-core box, 1,000,000 "
+                         "bins about 65)")
     ap.add_argument("--chroms", type=int, default=2, help="chromosomes of the slice")
     ap.add_argument("--assays", type=int, default=24, choices=range(3, len(ROADMAP_ASSAYS) + 1),
                     metavar=f"3..{len(ROADMAP_ASSAYS)}", help="assays (Roadmap: 24)")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step_ab.py [--size paper|small] [--steps 15] \\
         [--a KEY=VALUE ...] [--b KEY=VALUE ...] [--threads 1] [--peak-weight W]
+        [--predict K [--bins N] [--a-batch-bins N]]
 
 Both models train on the same Roadmap-shaped batch (127 cell types x 24 assays, 1,014
 observed tracks, 120 targets per bin, 256 bins, with the default local-context channels)
@@ -64,13 +65,15 @@ def predict_ab(a) -> int:
     for i in range(a.steps + 1):
         for n, p in preds.items():
             t = time.perf_counter()
-            predict_chunk(p, xc, np.arange(xc.shape[1]), tc.numpy(), ta.numpy(), kc, ka)
+            predict_chunk(p, xc, np.arange(xc.shape[1]), tc.numpy(), ta.numpy(), kc, ka,
+                          batch_bins=a.a_batch_bins if n == "A" else None)
             if i:
                 times[n].append(time.perf_counter() - t)
     med = {n: float(np.median(v)) for n, v in times.items()}
     print(f"# bench_step_ab --predict: size {a.size}, {a.threads} thread(s), {a.steps} chunks "
           f"each of {xc.shape[0]} bins x {a.predict} targets, dtype {preds['A'].dtype}; "
-          f"A {parse(a.a) or 'default'}, B {parse(a.b)}")
+          f"A {parse(a.a) or 'default'}"
+          f"{f' in batches of {a.a_batch_bins} bins' if a.a_batch_bins else ''}, B {parse(a.b)}")
     for n in ("A", "B"):
         print(f"{n}: median chunk {med[n]:.2f} s, {xc.shape[0] * a.predict / med[n]:,.0f} "
               "target-bins/s")
@@ -89,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--predict", type=int, metavar="K", default=0,
                     help="time imputation instead: K targets over --bins bins per step")
     ap.add_argument("--bins", type=int, default=2048, help="bins per imputed chunk")
+    ap.add_argument("--a-batch-bins", type=int, metavar="N",
+                    help="with --predict: A imputes in batches of N bins (B: the default plan)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.predict:

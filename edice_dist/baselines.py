@@ -34,6 +34,11 @@ MAX_PART_CHUNKS = 16
 """Store chunks per part: enough to amortise a task's start, few enough to balance."""
 
 
+READ_BINS = 4096
+"""Bins of every track per read, whole inner chunks of the store: a 16,384-bin chunk of
+1,000 tracks read at once is 66 MB of float32, and its decoding about as much again."""
+
+
 def path_of(out: str) -> str:
     return storage.join(out, BASELINES_DIR)
 
@@ -49,12 +54,15 @@ def _fill(store_path: str, path: str, chrom: str, start: int, stop: int,
     store = open_store(store_path)
     arr = zarr.open_group(storage.zarr_store(path), mode="r+")[store.array_key(chrom)]
     cb, n = store.chunk_bins, 0
+    step = max(store.block_bins, READ_BINS // store.block_bins * store.block_bins)
     for a in range(start, stop, cb):
         b = min(a + cb, stop)
-        data = store.read(chrom, a, b)  # one chunk of every track, read once for all groups
-        out = np.empty((b - a, len(groups)), np.float32)
-        for g, cols in enumerate(groups):
-            out[:, g] = spaces.to_space(data[:, list(cols)], space).mean(axis=1)
+        out = np.empty((b - a, len(groups)), np.float32)  # the writes cover whole chunks
+        for s in range(a, b, step):  # every track, read once for all groups
+            e = min(s + step, b)
+            data = store.read(chrom, s, e)
+            for g, cols in enumerate(groups):
+                out[s - a:e - a, g] = spaces.to_space(data[:, list(cols)], space).mean(axis=1)
         arr[a:b] = out
         n += 1
     return n

@@ -24,16 +24,29 @@ import numpy as np
 
 from . import _faults, storage
 from ._partial import mark_done
-from .context import read_window
+from .context import Halo, n_channels, read_halo
 from .errors import EdiceError, InputError, explain
 from .genome import Chunk
 from .progress import Progress, log
 from .runfolder import spread_array
 
+WINDOW_BYTES = 32 * 2**20
+"""Model input (float32 values and context channels of every support) per window of a
+chunk. A 16,384-bin chunk of 1,000 supports with 3 context channels is 260 MB of input;
+computed whole, and with the next one prefetched, it made an imputation actor 2.8x larger
+at 1,000 tracks than at 250 (BENCHMARKS.md, issue 22)."""
+WINDOW_ALIGN = 1024  # window lengths are multiples of this (whole batches)
+
 MAX_ATTEMPTS = 3  # failures of one chunk before the run gives up
 # CPU actors are single-threaded by default: two 1-thread actors imputed 1.5-3x faster
 # than one 2-thread actor on the 2-core reference box (benchmarks/bench_impute.py).
 CPU_THREADS_PER_ACTOR = 1
+
+
+def window_bins(n_supports: int, n_channels: int) -> int:
+    """Bins per window of a chunk whose model input is about :data:`WINDOW_BYTES`."""
+    per_bin = 4 * max(1, n_supports) * max(1, n_channels)
+    return max(WINDOW_ALIGN, WINDOW_BYTES // per_bin // WINDOW_ALIGN * WINDOW_ALIGN)
 
 
 def pool_shape(n_cpus: int, n_gpus: int, workers: int | None = None, gpus: int | None = None,
@@ -207,12 +220,37 @@ class ChunkWorker:
         self.compute_s = 0.0
         self.read_wait_s = 0.0
 
-    def _read(self, chunk: Chunk) -> np.ndarray:
-        context = self.pred.model.cfg.context
-        if context:  # window means need the bins on either side of the chunk too
-            return read_window(self.store, chunk.chrom, chunk.start, chunk.stop,
-                               self.spec.support_cols, context)
-        return self.store.read(chunk.chrom, chunk.start, chunk.stop, columns=self.spec.support_cols)
+    def _read(self, chunk: Chunk) -> Halo:
+        # The store's values only: the context channels are computed per window in
+        # _predict, so that what a prefetched chunk holds does not grow 8-fold with them.
+        return read_halo(self.store, chunk.chrom, chunk.start, chunk.stop,
+                         self.spec.support_cols, self.pred.model.cfg.context)
+
+    def _predict(self, halo: Halo, seed: int):
+        """The chunk's predictions (and spread), computed over windows of
+        :func:`window_bins` bins."""
+        from .predict import predict_chunk
+
+        spec, context = self.spec, self.pred.model.cfg.context
+        S, n = halo.data.shape[1], halo.n
+        step = window_bins(S, n_channels(context))
+        y = spread = None
+        for s0 in range(0, n, step):
+            s1 = min(s0 + step, n)
+            r = predict_chunk(self.pred, halo.channels(context, s0, s1), np.arange(S),
+                              spec.support_cells, spec.support_assays, spec.target_cells,
+                              spec.target_assays, batch_bins=spec.batch_bins,
+                              samples=spec.samples, seed=seed + s0)
+            r, sd = r if spec.samples else (r, None)
+            if s1 - s0 == n:
+                return r, sd
+            if y is None:
+                y = np.empty((r.shape[0], n), dtype=np.float32)
+                spread = np.empty_like(y) if sd is not None else None
+            y[:, s0:s1] = r
+            if sd is not None:
+                spread[:, s0:s1] = sd
+        return y, spread
 
     def _write_chunk(self, chunk: Chunk, y: np.ndarray, spread: np.ndarray | None) -> None:
         if _faults.at_chunk(self.spec.faults, "impute_enospc_chunk", chunk.chrom, chunk.index):
@@ -242,8 +280,6 @@ class ChunkWorker:
         list of (chrom, index)
             Chunks whose data and done marker are now written (the previous one).
         """
-        from .predict import predict_chunk
-
         if self._init_error is not None:
             raise self._init_error
         if _faults.at_chunk(self.spec.faults, "impute_exit_chunk", chunk.chrom, chunk.index):
@@ -265,14 +301,8 @@ class ChunkWorker:
         if next_chunk is not None:
             self._prefetch = (next_chunk, self._reader.submit(self._read, next_chunk))
         t1 = time.perf_counter()
-        S = len(self.spec.support_cols)
         try:
-            y = predict_chunk(self.pred, x, np.arange(S), self.spec.support_cells,
-                              self.spec.support_assays, self.spec.target_cells,
-                              self.spec.target_assays, batch_bins=self.spec.batch_bins,
-                              samples=self.spec.samples,
-                              seed=zlib.crc32(f"{chunk.chrom}:{chunk.index}".encode()))
-            y, spread = y if self.spec.samples else (y, None)
+            y, spread = self._predict(x, zlib.crc32(f"{chunk.chrom}:{chunk.index}".encode()))
         except Exception as e:
             raise _failed(chunk, "computing with the model", self.spec.model_dir, e) from e
         self.compute_s += time.perf_counter() - t1

@@ -28,12 +28,12 @@ from .model import EDICE, decoder_macs, first_layer_macs, keep_mask
 # blocks on a CPU (measured in benchmarks/bench_impute.py).
 ROWS_CPU = 8192
 ROWS_CUDA = 65536
-MIN_BATCH_BINS = 128
-"""The fewest bins of a batch sized from the target count. Each batch encodes every support
-once for all targets, and the decoder's first layer adds one (bins, H) row block per
-target: with thousands of targets, batches of 8 bins made both per-call overheads (a
-Roadmap-sized run imputed at 0.6x the speed of 128-bin batches; BENCHMARKS.md, issue 22).
-A block of targets then holds ``rows // batch_bins`` of them."""
+MIN_BATCH_BINS = 32
+"""The fewest bins of a batch sized from the target count (``rows // n_targets`` is 4 at
+2,000 targets). The attention's activations of a batch grow with its bins x cells x
+assays: at Roadmap's 125 x 24, 128-bin batches held ~200 MB per actor, 32-bin ones ~55 MB,
+and imputed as fast (8, 32 and 128 bins within 5 % at 2,000 targets, small and paper
+sizes; BENCHMARKS.md, issue 22). A block of targets then holds ``rows // batch_bins`` of them."""
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -361,12 +361,7 @@ def predict_chunk(
     if not pred.compiled:  # padding only buys static shapes for the compiler
         batch_bins = min(batch_bins, max(n_bins, 1))
 
-    xs = np.nan_to_num(x[:, support_cols].astype(np.float32, copy=False), nan=0.0,
-                       posinf=0.0, neginf=0.0)
-    n_pad = -n_bins % batch_bins if pred.compiled else 0
-    if n_pad:  # zero bins to fill the last batch; computed and dropped
-        xs = np.concatenate([xs, np.zeros((n_pad, *xs.shape[1:]), np.float32)])
-    xs = torch.from_numpy(np.ascontiguousarray(xs))
+    whole = support_cols.size == T and np.array_equal(support_cols, np.arange(T))
     tc = torch.as_tensor(track_cells[support_cols], device=dev)
     ta = torch.as_tensor(track_assays[support_cols], device=dev)
     q_cells, pos_c = np.unique(target_cells, return_inverse=True)
@@ -387,7 +382,8 @@ def predict_chunk(
             torch.manual_seed(seed)
         for b0 in range(0, n_bins, batch_bins):
             b1 = min(b0 + batch_bins, n_bins)
-            xb = xs[b0:b0 + batch_bins].to(dev, non_blocking=True)
+            xb = _support_batch(x, b0, b1, None if whole else support_cols,
+                                batch_bins if pred.compiled else 0).to(dev, non_blocking=True)
             sup = torch.ones(xb.shape[:2], dtype=torch.bool, device=dev)
             c_ctx, a_ctx, skip = m.encode(xb, sup, tc, ta, q_cells, q_assays)
             pc, pa = pred.first_layer(c_ctx, a_ctx)
@@ -402,6 +398,21 @@ def predict_chunk(
                     sd = _mc_spread(pred, pc, pa, pk_c, pk_a, samples, cfg.decoder_dropout)
                     spread[k0:k1, b0:b1] = sd[: k1 - k0, : b1 - b0].cpu().numpy()
     return (out, spread) if samples else out
+
+
+def _support_batch(x: np.ndarray, b0: int, b1: int, cols, pad_to: int) -> torch.Tensor:
+    """Bins ``[b0, b1)`` of the support columns ``cols`` (all when None) of ``x`` as a
+    float32 tensor, non-finite values as 0, zero bins appended up to ``pad_to`` (the
+    compiler's static shape).
+
+    Per batch rather than for the whole chunk up front: a chunk of 1,000 tracks with its
+    context channels is 260 MB, and each whole-chunk copy (the column selection, then the
+    NaN cleaning) added that much to every imputation actor."""
+    xb = np.array(x[b0:b1] if cols is None else x[b0:b1, cols], dtype=np.float32)
+    np.nan_to_num(xb, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if pad_to > len(xb):
+        xb = np.concatenate([xb, np.zeros((pad_to - len(xb), *xb.shape[1:]), np.float32)])
+    return torch.from_numpy(xb)
 
 
 def _mc_spread(pred: Predictor, pc, pa, pos_c, pos_a, samples: int, drop: float):

@@ -112,3 +112,43 @@ def test_model_with_context_embeds_every_channel():
     np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="3 value"):
         model(x[:, :, 0], support, tc, ta, torch.from_numpy(qc), torch.from_numpy(qa))
+
+
+def test_actor_windows_equal_one_pass_over_the_chunk(ctx_store, tmp_path, monkeypatch):
+    """An imputation actor computes a chunk of many supports in windows of bins, their
+    context channels from its halo (imputepool.window_bins): the result equals the model
+    on the whole chunk's features as read_window gives them, at the chromosome's ends too."""
+    from edice_dist import imputepool
+    from edice_dist.checkpoint import save_model
+    from edice_dist.genome import Chunk
+    from edice_dist.predict import prepare
+
+    st, _ = ctx_store
+    torch.manual_seed(0)
+    cfg = ModelConfig(4, 3, embed_dim=16, n_heads=4, ffn_dim=8, decoder_hidden=32,
+                      context=(3, 50), same_assay="attention")
+    model = EDICE(cfg).eval()
+    with torch.no_grad():
+        model.same_assay_skip.weight.normal_(0, 0.1)  # a non-zero skip term
+    save_model(str(tmp_path / "model"), model,
+               {"cell_keys": [f"C{i:02d}" for i in range(4)], "assays": ["A0", "A1", "A2"],
+                "transform": "arcsinh"})
+    cols = st.split_indices("train")
+    cells = np.array([int(t.cell_type[1:]) for t in st.tracks])
+    assays = np.array([int(t.assay[1:]) for t in st.tracks])
+    kc, ka = np.array([1, 0, 3]), np.array([1, 2, 0])
+    spec = imputepool.WorkerSpec(
+        str(tmp_path / "model"), st.path, "", str(tmp_path), cols, cells[cols], assays[cols],
+        kc, ka, {}, device="cpu", dtype="float32", threads=1)
+    monkeypatch.setattr(imputepool, "window_bins", lambda s, c: 300)
+    monkeypatch.setattr(imputepool.ChunkWorker, "_start", lambda self, spec: None)
+    worker = imputepool.ChunkWorker(spec)
+    worker.pred, worker.store = prepare(model, "cpu", "float32"), st
+    for chunk in (Chunk("chr1", 1, 1024, 2048), Chunk("chr1", 2, 2048, 3000),
+                  Chunk("chr2", 0, 0, 700)):
+        got, spread = worker._predict(worker._read(chunk), 0)
+        x = read_window(st, chunk.chrom, chunk.start, chunk.stop, cols, cfg.context)
+        want = predict_chunk(model, x, np.arange(len(cols)), cells[cols], assays[cols], kc, ka,
+                             dtype="float32")
+        assert spread is None and got.shape == want.shape == (3, chunk.stop - chunk.start)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
