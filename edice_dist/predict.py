@@ -28,12 +28,13 @@ from .model import EDICE, decoder_macs, first_layer_macs, keep_mask
 # blocks on a CPU (measured in benchmarks/bench_impute.py).
 ROWS_CPU = 8192
 ROWS_CUDA = 65536
-MIN_BATCH_BINS = 32
+MIN_BATCH_BINS = 128
 """The fewest bins of a batch sized from the target count (``rows // n_targets`` is 4 at
-2,000 targets). The attention's activations of a batch grow with its bins x cells x
-assays: at Roadmap's 125 x 24, 128-bin batches held ~200 MB per actor, 32-bin ones ~55 MB,
-and imputed as fast (8, 32 and 128 bins within 5 % at 2,000 targets, small and paper
-sizes; BENCHMARKS.md, issue 22). A block of targets then holds ``rows // batch_bins`` of them."""
+2,000 targets). Each batch encodes every support once for all targets, a fixed cost per
+batch: 32-bin batches imputed a 250-track, 494-target consortium 1.2x slower than 128-bin
+ones. The attention's activations grow with bins x cells x assays, though: ~200 MB per
+actor at 125 x 24 and 128 bins, ~55 MB at 32 (BENCHMARKS.md, issue 22). A block of
+targets then holds ``rows // batch_bins`` of them."""
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
