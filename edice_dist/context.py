@@ -99,8 +99,8 @@ def read_window(store: TrackStore, chrom: str, start: int, stop: int, columns,
     -------
     (stop - start, len(columns), 1 + len(context)) array of ``dtype``.
     """
-    return read_halo(store, chrom, start, stop, columns, context).channels(
-        context, 0, stop - start).astype(dtype, copy=False)
+    h = read_halo(store, chrom, start, stop, columns, context)
+    return window_means(h.data, context, h.left, h.right).astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
