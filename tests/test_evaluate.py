@@ -340,3 +340,29 @@ def test_baselines_read_each_store_chunk_once_and_leave_nothing(tiny, tmp_path, 
     t = cat(asinh32(tiny["truth"]["c2@i2-B"]))
     y = cat(tiny["obs"]["c2@i1-B"]).astype(np.float64)
     assert rows[("c2@i2", "TrackAVG")]["mse"] == pytest.approx(np.mean((t - y) ** 2), rel=1e-5)
+
+
+def test_baselines_of_chunks_longer_than_one_read(tmp_path, monkeypatch):
+    """Store chunks longer than ``baselines.READ_BINS`` are averaged part by part: every
+    bin of every chromosome, short last chunks included, equals numpy's mean of the
+    chosen columns (in both spaces)."""
+    from trainstore import make_store
+
+    from edice_dist import baselines
+
+    st, truth = make_store(str(tmp_path / "store"), n_cells=3, n_assays=2,
+                           chrom_bins=(5000, 1300), chunk_bins=4096)
+    assert st.block_bins == 1024
+    monkeypatch.setattr(baselines, "READ_BINS", 2048)  # 2 reads per full chunk
+    groups = [(0, 2, 4), (1, 5)]
+    for space in ("arcsinh", "pval"):
+        path = baselines.compute(st, groups, str(tmp_path / space), space, parallel=False)
+        grp = baselines.open_group(path)
+        for chrom, vals in truth.items():
+            key, n = st.array_key(chrom), len(vals)
+            stored = st.read(chrom, 0, n)  # the store's float16 rounding, as the jobs see it
+            for g, cols in enumerate(groups):
+                x = stored[:, list(cols)].astype(np.float64)
+                want = (np.sinh(x) if space == "pval" else x).mean(axis=1)
+                np.testing.assert_allclose(baselines.read(grp, key, g, 0, n), want,
+                                           rtol=1e-5, atol=1e-6)
