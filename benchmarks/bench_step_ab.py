@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step_ab.py [--size paper|small] [--steps 15] \\
         [--a KEY=VALUE ...] [--b KEY=VALUE ...] [--threads 1] [--peak-weight W]
-        [--predict K [--bins N] [--a-batch-bins N]]
+        [--a-skip-kept] [--predict K [--bins N] [--a-batch-bins N]]
 
 Both models train on the same Roadmap-shaped batch (127 cell types x 24 assays, 1,014
 observed tracks, 120 targets per bin, 256 bins, with the default local-context channels)
@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--predict", type=int, metavar="K", default=0,
                     help="time imputation instead: K targets over --bins bins per step")
     ap.add_argument("--bins", type=int, default=2048, help="bins per imputed chunk")
+    ap.add_argument("--a-skip-kept", action="store_true",
+                    help="A keeps the same-assay skip's training activations instead of "
+                         "recomputing them in the backward pass")
     ap.add_argument("--a-batch-bins", type=int, metavar="N",
                     help="with --predict: A imputes in batches of N bins (B: the default plan)")
     a = ap.parse_args(argv)
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
     xc = torch.stack([x, x * 0.9, x * 0.8, x * 0.7], dim=-1)
     runs = {"A": (*make(a.size, parse(a.a)), 0.0),
             "B": (*make(a.size, parse(a.b)), a.peak_weight)}
+    if a.a_skip_kept:
+        runs["A"][0].same_assay_skip.recompute = False
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(a.steps + 1):
         for name, (model, opt, pw) in runs.items():
@@ -120,7 +125,8 @@ def main(argv=None) -> int:
     med = {n: float(np.median(v)) for n, v in times.items()}
     print(f"# bench_step_ab: size {a.size}, {a.threads} thread(s), {a.steps} steps each, "
           f"{BATCH} bins x {k} targets; A {parse(a.a) or 'default'}, B {parse(a.b)}"
-          + (f", peak_weight {a.peak_weight}" if a.peak_weight else ""))
+          + (f", peak_weight {a.peak_weight}" if a.peak_weight else "")
+          + (", A keeps the skip's activations" if a.a_skip_kept else ""))
     for n in ("A", "B"):
         print(f"{n}: median step {med[n] * 1e3:.1f} ms, {BATCH / med[n]:.0f} bins/s, "
               f"{runs[n][0].n_parameters():,} parameters")

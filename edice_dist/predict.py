@@ -30,11 +30,51 @@ ROWS_CPU = 8192
 ROWS_CUDA = 65536
 MIN_BATCH_BINS = 128
 """The fewest bins of a batch sized from the target count (``rows // n_targets`` is 4 at
-2,000 targets). Each batch encodes every support once for all targets, a fixed cost per
-batch: 32-bin batches imputed a 250-track, 494-target consortium 1.2x slower than 128-bin
-ones. The attention's activations grow with bins x cells x assays, though: ~200 MB per
-actor at 125 x 24 and 128 bins, ~55 MB at 32 (BENCHMARKS.md, issue 22). A block of
-targets then holds ``rows // batch_bins`` of them."""
+2,000 targets), unless the encoder's activations would pass :data:`ENCODE_BYTES`. Each
+batch encodes every support once for all targets, a fixed cost per batch: 32-bin batches
+imputed a 250-track, 494-target consortium 1.2x slower than 128-bin ones. The encoder's
+activations grow with bins x cells x cells, though: at 125 cell types, ~1.5 MB per bin
+with the reduced model of BENCHMARKS.md's issue-22 section, and its batches there have
+32 bins (:func:`encode_batch_bins`)."""
+
+SMALLEST_BATCH_BINS = 32
+"""The fewest bins of a batch whatever the budget: below it the fixed cost per batch
+dominates."""
+
+ENCODE_BYTES = 64 * 2**20
+"""Budget for the encoder's activations of one batch (float32), per imputation actor."""
+
+
+def encode_bytes_per_bin(cfg, n_supports: int, n_query_cells: int, n_query_assays: int) -> int:
+    """Bytes of the encoder's largest live activations per bin of a batch: the attention
+    logits and weights of both sides, the same-assay skip's weights and sums over every
+    queried (cell, assay), the embeddings, the support grid and the first layer's halves.
+
+    An estimate from the shapes (float32, ~3 live copies of each product: the product,
+    its elementwise transform, the result); it came within 10 % of the measured growth of
+    an actor's peak at 31 and 125 cell types (BENCHMARKS.md, issue 22)."""
+    N, A, C, H, d = cfg.n_cells, cfg.n_assays, cfg.n_channels, cfg.n_heads, cfg.embed_dim
+    qc, qa = n_query_cells, n_query_assays
+    attn = 3 * H * (qc * N + qa * A)
+    skip = 0
+    if cfg.same_assay != "none":
+        skip = 3 * H * qc * N + N * qa * (C + 1) + 3 * qc * H * qa * (C + 1)
+    embed = 6 * (N + A) * d
+    grid = 3 * N * A * C + 2 * n_supports * C
+    first = (qc + qa) * cfg.decoder_hidden
+    return 4 * (attn + skip + embed + grid + first)
+
+
+def encode_batch_bins(cfg, n_supports: int, n_query_cells: int, n_query_assays: int,
+                      most: int = MIN_BATCH_BINS, least: int = SMALLEST_BATCH_BINS) -> int:
+    """Bins of a batch whose encoder activations fit :data:`ENCODE_BYTES`: ``most`` when
+    it fits, else the largest power of two in [``least``, ``most``] that does (``least``
+    when none does). Imputation and validation size their batches with it."""
+    per_bin = encode_bytes_per_bin(cfg, n_supports, n_query_cells, n_query_assays)
+    fit = max(1, ENCODE_BYTES // max(per_bin, 1))
+    if fit >= most:
+        return int(most)
+    return int(max(least, 1 << (int(fit).bit_length() - 1)))
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -310,7 +350,9 @@ def predict_chunk(
         Vocabulary indices of the targets.
     batch_bins : int, optional
         Bins per forward batch; by default enough that each decoder product has about
-        ``ROWS_CPU`` (CPU) or ``ROWS_CUDA`` (GPU) rows of (bin, target).
+        ``ROWS_CPU`` (CPU) or ``ROWS_CUDA`` (GPU) rows of (bin, target) and at least
+        :data:`MIN_BATCH_BINS`, unless the encoder's activations would pass
+        :data:`ENCODE_BYTES` (:func:`encode_batch_bins`).
     device, dtype :
         See :func:`resolve_device` and :func:`resolve_dtype`.
     samples : int
@@ -358,6 +400,11 @@ def predict_chunk(
         raise ValueError("the model has no decoder dropout (decoder_dropout 0): Monte Carlo "
                          "samples of it would all be equal")
     K = len(target_cells)
+    q_cells, pos_c = np.unique(target_cells, return_inverse=True)
+    q_assays, pos_a = np.unique(target_assays, return_inverse=True)
+    if batch_bins is None:  # the decoder's rows, as far as the encoder's budget allows
+        batch_bins = encode_batch_bins(cfg, support_cols.size, len(q_cells), len(q_assays),
+                                       most=max(MIN_BATCH_BINS, pred.rows // K))
     batch_bins, k_block = plan_batches(K, pred.rows, batch_bins)
     if not pred.compiled:  # padding only buys static shapes for the compiler
         batch_bins = min(batch_bins, max(n_bins, 1))
@@ -365,8 +412,6 @@ def predict_chunk(
     whole = support_cols.size == T and np.array_equal(support_cols, np.arange(T))
     tc = torch.as_tensor(track_cells[support_cols], device=dev)
     ta = torch.as_tensor(track_assays[support_cols], device=dev)
-    q_cells, pos_c = np.unique(target_cells, return_inverse=True)
-    q_assays, pos_a = np.unique(target_assays, return_inverse=True)
     k_pad = -K % k_block
     if k_pad:  # repeat the first target to fill the last block; computed and dropped
         pos_c = np.concatenate([pos_c, np.full(k_pad, pos_c[0])])

@@ -23,6 +23,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SKIP_SCALE = 10.0
 """The skip weights are this times their parameters: Adam moves a parameter by about the
@@ -36,6 +37,9 @@ LOGIT_CAP = 15.0
 """Attention logits are soft-capped to +-this, so that ``exp(logit - max)`` of a
 supported cell never underflows float32 (e^-30 ~ 1e-13) and the weighted mean over only
 the cells that observe the assay (a sum over all cells, masked) stays exact."""
+
+TRAIN_BLOCK_TARGETS = 24
+"""Targets per block of the training term (see :meth:`SameAssaySkip.forward`)."""
 
 HEAD_DIM = 16
 """Width of each head's query and key: similarity of cells needs few dimensions."""
@@ -52,6 +56,10 @@ class SameAssaySkip(nn.Module):
     d : embedding width (queries and keys are projected from it).
     n_heads : weightings of the cells (``attention``; ``mean`` has one).
     """
+
+    recompute = True
+    """Training recomputes the per-bin term's activations in the backward pass (False:
+    keeps them; ``benchmarks/bench_step_ab.py --a-skip-kept`` times both)."""
 
     def __init__(self, mode: str, n_assays: int, n_channels: int, d: int, n_heads: int):
         super().__init__()
@@ -152,12 +160,29 @@ class SameAssaySkip(nn.Module):
                 w = SKIP_SCALE * self.weight[q_assays]  # (Qa, H, C)
                 state["all"] = (est * w.to(est.dtype)).sum(dim=(-1, -2))  # (B, Qc, Qa)
             return state["all"][:, pos_c, pos_a]
-        else:  # per-bin targets (training): the weights of each target's own cell
-            rows = torch.arange(g.shape[0], device=g.device)[:, None]
-            gk, sk, qk = g[rows, pos_a], s[rows, pos_a], q[rows, pos_c]
-            p = self._weights(torch.einsum("bkhd,bnhd->bkhn", qk, k))
-            num = torch.einsum("bkhn,bknc->bkhc", p, gk)
-            den = torch.einsum("bkhn,bkn->bkh", p, sk)
-            est = num / den.clamp(min=1e-30)[..., None]
-        w = SKIP_SCALE * self.weight[q_assays][pos_a]  # (K or B x K, H, C)
+        elif torch.is_grad_enabled() and self.recompute:  # per-bin targets (training)
+            # In blocks of targets, each recomputed in the backward pass rather than kept:
+            # its (bins, targets, cells, channels) gathers, (bins, targets, heads, cells)
+            # weights and their gradients grow with the cells, 240 MB a step at 125 cell
+            # types (BENCHMARKS.md, issue 22). Each target's term is its own: the terms are
+            # the same to the bit, the gradients summed over blocks the same to rounding.
+            step = TRAIN_BLOCK_TARGETS
+            return torch.cat([checkpoint(self._per_bin, g, s, q, k, pos_c[:, j:j + step],
+                                         pos_a[:, j:j + step], q_assays, use_reentrant=False)
+                              for j in range(0, pos_c.shape[1], step)], dim=1)
+        else:
+            return self._per_bin(g, s, q, k, pos_c, pos_a, q_assays)
+        w = SKIP_SCALE * self.weight[q_assays][pos_a]  # (K or B x K, 1, C)
+        return (est * w.to(est.dtype)).sum(dim=(-1, -2))
+
+    def _per_bin(self, g, s, q, k, pos_c, pos_a, q_assays) -> torch.Tensor:
+        """The attention skip term of per-bin targets (B, K): the weights of each target's
+        own cell over the cells observing its assay."""
+        rows = torch.arange(g.shape[0], device=g.device)[:, None]
+        gk, sk, qk = g[rows, pos_a], s[rows, pos_a], q[rows, pos_c]
+        p = self._weights(torch.einsum("bkhd,bnhd->bkhn", qk, k))
+        num = torch.einsum("bkhn,bknc->bkhc", p, gk)
+        den = torch.einsum("bkhn,bkn->bkh", p, sk)
+        est = num / den.clamp(min=1e-30)[..., None]
+        w = SKIP_SCALE * self.weight[q_assays][pos_a]  # (B, K, H, C)
         return (est * w.to(est.dtype)).sum(dim=(-1, -2))

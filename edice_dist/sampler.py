@@ -262,23 +262,33 @@ class TrainSampler:
         # Never hold more than the epoch still needs: a short epoch reads fewer blocks.
         capacity = min(self.buffer_bins, steps * B)
         low = capacity - max(B, capacity // 4)  # top up once a quarter is used
-        shape = (0, T, 1 + len(self.context)) if self.context else (0, T)
-        pool = np.empty(shape, dtype=self.store.array(self.blocks[0].chrom).dtype)
+        # The buffer's rows stay where they were read; ``order`` lists the pool's rows
+        # (slots of ``buf``) in mixing order and each top-up permutes only it. Shuffling
+        # the rows themselves held three copies of the buffer of all tracks at each
+        # top-up (1.5 GB at 1,000 tracks and 65,536 bins).
+        width = (T, 1 + len(self.context)) if self.context else (T,)
+        buf = np.empty((capacity + max(b.n_bins for b in self.blocks), *width),
+                       dtype=self.store.array(self.blocks[0].chrom).dtype)
+        order = np.empty(0, dtype=np.int64)
+        free = np.arange(len(buf))  # slots not in the pool, reused from the front
         exhausted = False
         for _ in range(steps):
-            if len(pool) <= max(low, B - 1) and not exhausted:
-                parts, n = [pool], len(pool)
+            if len(order) <= max(low, B - 1) and not exhausted:
+                n = len(order)
                 for block in blocks:
-                    parts.append(read_columns(self.store, block, self.columns, self.context))
+                    rows = read_columns(self.store, block, self.columns, self.context)
+                    slots, free = free[:len(rows)], free[len(rows):]
+                    buf[slots] = rows
+                    order = np.concatenate([order, slots])
                     n += block.n_bins
                     if n >= capacity:
                         break
                 else:
                     exhausted = True
-                pool = np.concatenate(parts)
-                pool = pool[rng.permutation(len(pool))]
-            x = pool[-B:].astype(np.float32)
-            pool = pool[:-B]
+                order = order[rng.permutation(len(order))]
+            x = buf[order[-B:]].astype(np.float32)
+            free = np.concatenate([free, order[-B:]])
+            order = order[:-B]
             target, support = draw_targets(rng, B, T, self.n_targets, self.targets,
                                            self.cells, self.mask_cells)
             y = np.take_along_axis(x[..., 0] if self.context else x, target, axis=1)
@@ -323,16 +333,19 @@ def read_validation(store: TrackStore, plan: list[tuple[Chunk, np.ndarray]], inp
 
     Returns
     -------
-    x : (N, T) float32, the input (training) columns; (N, T, C) with context channels.
+    x : (N, T), the input (training) columns in the store's dtype (float16: half the
+        memory of float32, and the values and window means the training batches carry);
+        (N, T, C) with context channels.
     y : (N, V) float32, the validation target columns.
     """
     cols = np.concatenate([np.asarray(input_columns), np.asarray(target_columns)]).astype(np.int64)
     n_in = len(input_columns)
     shape = (0, len(cols), 1 + len(context)) if context else (0, len(cols))
     parts = [read_columns(store, c, cols, context)[offsets] for c, offsets in plan[rank::world_size]]
-    data = (np.concatenate(parts) if parts else np.empty(shape)).astype(np.float32)
-    y = data[:, n_in:, 0] if context else data[:, n_in:]
-    return data[:, :n_in], y
+    data = np.concatenate(parts) if parts else np.empty(shape, dtype=np.float32)
+    del parts
+    y = np.array(data[:, n_in:, 0] if context else data[:, n_in:], dtype=np.float32)
+    return np.ascontiguousarray(data[:, :n_in]), y
 
 
 def avg_weights(input_cells, input_assays, target_cells, target_assays) -> np.ndarray:

@@ -32,9 +32,12 @@ from .errors import EdiceError, explain
 
 SCRATCH = "_scratch"
 DECODED = "sources"  # done-marker key of decoded sources
-BLOCK_BYTES = 256 * 2**20
-"""Most bytes of one encode task's block of all tracks: 8 chunks of 16,384 bins at 1,000
-float16 tracks."""
+BLOCK_BYTES = 64 * 2**20
+"""Most bytes of one encode task's block of all tracks: 2 chunks of 16,384 bins at 1,000
+float16 tracks, 4 at 250 (never less than one chunk). An encode task holds its block a few
+times over while it transposes it, so this is what grows with the tracks: 256 MB blocks
+made ingest's peak at 1,000 tracks 1.49x that at 250 (BENCHMARKS.md, issue 22). Smaller
+blocks mean more, smaller scratch objects."""
 
 
 def path(partial: str) -> str:

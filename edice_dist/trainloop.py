@@ -28,7 +28,7 @@ from .checkpoint import HISTORY_COLUMNS, METRICS, STATE
 from .errors import InputError
 from .metrics import PEAK_PVAL
 from .model import EDICE, ModelConfig, extend_vocab, init_seed
-from .predict import resolve_dtype
+from .predict import encode_batch_bins, resolve_dtype
 from .sameassay import SKIP_MAX_LR
 from .sampler import (
     TrainSampler,
@@ -371,21 +371,27 @@ def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_
     sum p^2, sum y^2, sum p*y, squared error, AVG's squared error."""
     sums = torch.zeros(8, dtype=torch.float64)
     net.eval()
+    w64 = w_avg.astype(np.float64)
+    # No gradients, so up to 4 training batches at once, as far as the attention's
+    # activations allow: they grow with the cells squared (BENCHMARKS.md, issue 22).
+    step = encode_batch_bins(net.cfg, len(in_cells), len(torch.unique(val_cells)),
+                             len(torch.unique(val_assays)), most=4 * batch)
     with torch.no_grad():
-        for i in range(0, len(xv), 4 * batch):
-            x = torch.from_numpy(xv[i:i + 4 * batch]).to(device)
-            y = torch.from_numpy(yv[i:i + 4 * batch]).double()
+        for i in range(0, len(xv), step):
+            xb = np.asarray(xv[i:i + step], dtype=np.float32)
+            x = torch.from_numpy(xb).to(device)
+            yb = yv[i:i + step]
+            y = torch.from_numpy(yb).double()
             support = torch.ones(x.shape[:2], dtype=torch.bool, device=device)
             with autocast_for(device, precision):
                 p = net(x, support, in_cells, in_assays, val_cells, val_assays)
             p = p.double().cpu()
+            values = xb[..., 0] if xb.ndim == 3 else xb  # AVG takes the bins' own values
+            avg = values.astype(np.float64) @ w64
             sums += torch.stack([torch.tensor(float(p.numel()), dtype=torch.float64), p.sum(),
                                  y.sum(), (p * p).sum(), (y * y).sum(), (p * y).sum(),
-                                 ((p - y) ** 2).sum(), torch.zeros((), dtype=torch.float64)])
-    if len(xv):
-        values = xv[..., 0] if xv.ndim == 3 else xv  # AVG takes the bins' own values
-        avg = values.astype(np.float64) @ w_avg.astype(np.float64)
-        sums[7] = float(((avg - yv) ** 2).sum())
+                                 ((p - y) ** 2).sum(),
+                                 torch.tensor(float(((avg - yb) ** 2).sum()), dtype=torch.float64)])
     net.train()
     return sums.to(device)
 

@@ -608,3 +608,15 @@ def test_manifest_with_a_byte_order_mark(consortium, tmp_path):
     (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + text.encode())
     tracks = read_manifest(str(tmp_path / "bom.tsv"))
     assert [(t.cell_type, t.assay, t.split) for t in tracks] == [(r[0], r[1], r[3]) for r in ROWS]
+
+
+def test_encode_blocks_of_all_tracks_stay_within_the_byte_budget():
+    """What an encode task holds grows with the tracks only up to the budget."""
+    from edice_dist import scratch
+
+    for n_tracks in (13, 250, 1000, 4000, 100_000):
+        per = scratch.block_chunks(n_tracks, 16384, 2, total_chunks=31, slots=2, most=8)
+        assert 1 <= per <= 4  # 31 chunks over 4 x 2 slots
+        assert per == 1 or per * n_tracks * 16384 * 2 <= scratch.BLOCK_BYTES
+        if per * 2 * n_tracks * 16384 * 2 <= scratch.BLOCK_BYTES and per < 4:
+            raise AssertionError(f"{n_tracks} tracks: {per} chunks per block, room for more")

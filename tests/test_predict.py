@@ -57,6 +57,42 @@ def test_equals_forward_float32(device, monkeypatch, same_assay):
     np.testing.assert_allclose(got2, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_batches_shrink_to_the_encoder_budget_and_predict_the_same(monkeypatch):
+    """With many cells the encoder's activations set the batch size, not the decoder's
+    rows; the predictions do not depend on it."""
+    model = _model(n_cells=7, n_assays=5, same_assay="attention")
+    torch.nn.init.normal_(model.same_assay_skip.weight, std=0.1)
+    x, tc, ta = _data(n_bins=300)
+    cols = np.arange(14)
+    kc, ka = np.array([0, 1, 2, 3, 4, 5, 6]), np.array([0, 1, 2, 3, 4, 0, 1])
+    ref = _forward(model, x, cols, tc, ta, kc, ka)
+    per_bin = P.encode_bytes_per_bin(model.cfg, 14, 7, 5)
+    # The attention's logits (heads x queries x cells) and the skip's all-pairs sums are
+    # counted: the estimate is at least their float32 bytes.
+    cfg = model.cfg
+    assert per_bin >= 4 * cfg.n_heads * (7 * 7 + 5 * 5 + 7 * 5 * (cfg.n_channels + 1))
+    monkeypatch.setattr(P, "ROWS_CPU", 7 * 16)  # the decoder alone: 128-bin batches
+    sizes = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda xb, *a: sizes.append(len(xb)) or encode(xb, *a))
+    for budget, want in ((per_bin * 1000, P.MIN_BATCH_BINS), (per_bin * 40, 32),
+                         (per_bin * 70, 64), (per_bin, P.SMALLEST_BATCH_BINS)):
+        monkeypatch.setattr(P, "ENCODE_BYTES", budget)
+        assert P.encode_batch_bins(cfg, 14, 7, 5) == want
+        sizes.clear()
+        got = P.predict_chunk(P.prepare(model, "cpu", "float32"), x, cols, tc, ta, kc, ka)
+        assert max(sizes) == want and sum(sizes) == len(x)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # Few targets: the decoder's rows ask for 1,170-bin batches, the budget caps them.
+    monkeypatch.setattr(P, "ROWS_CPU", 8192)
+    monkeypatch.setattr(P, "ENCODE_BYTES", per_bin * 300)
+    assert P.encode_batch_bins(cfg, 14, 7, 5, most=8192 // 7) == 256
+    # A larger vocabulary never gets larger batches.
+    big = ModelConfig(n_cells=125, n_assays=24, embed_dim=16, decoder_hidden=32,
+                      same_assay="attention")
+    assert P.encode_bytes_per_bin(big, 1000, 125, 24) > per_bin
+
+
 def test_bf16_close_to_float32(device):
     model = _model(seed=3)
     x, tc, ta = _data(seed=4)

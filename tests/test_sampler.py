@@ -13,11 +13,14 @@ from edice_dist import store as store_mod
 from edice_dist.errors import InputError
 from edice_dist.genome import Chunk
 from edice_dist.sampler import (
+    _SHUFFLE,
     TrainSampler,
     avg_weights,
     draw_targets,
     effective_n_targets,
+    epoch_blocks,
     genome_blocks,
+    read_columns,
     read_validation,
     validation_plan,
 )
@@ -200,6 +203,48 @@ def test_batches_are_seeded_and_change_per_epoch(bin_store):
     assert not np.array_equal(ea[0].x.numpy(), e2[0].x.numpy())
     c = TrainSampler(st, cols, 2, 16, seed=10, bins_per_epoch=200)
     assert not np.array_equal(ea[0].x.numpy(), next(iter(c.batches(1))).x.numpy())
+
+
+def _shuffled_pool_batches(sampler, epoch):
+    """The mixing buffer as a list of rows: top up with whole blocks, shuffle every row,
+    take batches from the end (what the sampler's slots of a fixed buffer must equal)."""
+    steps, B, T = sampler.steps(epoch), sampler.batch_size, len(sampler.columns)
+    rng = np.random.default_rng([sampler.seed, epoch, sampler.rank, _SHUFFLE])
+    blocks = iter(epoch_blocks(sampler.blocks, sampler.seed, epoch, sampler.rank,
+                               sampler.world_size))
+    capacity = min(sampler.buffer_bins, steps * B)
+    low = capacity - max(B, capacity // 4)
+    pool, exhausted, out = np.empty((0, T)), False, []
+    for _ in range(steps):
+        if len(pool) <= max(low, B - 1) and not exhausted:
+            parts = [pool]
+            for block in blocks:
+                parts.append(read_columns(sampler.store, block, sampler.columns))
+                if sum(len(p) for p in parts) >= capacity:
+                    break
+            else:
+                exhausted = True
+            pool = np.concatenate(parts)
+            pool = pool[rng.permutation(len(pool))]
+        x, pool = pool[-B:], pool[:-B]
+        target, _ = draw_targets(rng, B, T, sampler.n_targets)
+        out.append((x, target))
+    return out
+
+
+@pytest.mark.parametrize("buffer_bins", [40, 130, 5000])
+def test_mixing_buffer_draws_what_a_shuffled_pool_would(bin_store, buffer_bins):
+    """Top-ups part-way through, a buffer smaller than a block, and one over the epoch."""
+    st, _ = bin_store
+    s = TrainSampler(st, st.split_indices("train"), 2, 16, seed=4, block_bins=100,
+                     buffer_bins=buffer_bins, bins_per_epoch=800)
+    got, want = list(s.batches(3)), _shuffled_pool_batches(s, 3)
+    assert len(got) == len(want) == 800 // 16
+    for batch, (x, target) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(batch.x.numpy(), x)
+        np.testing.assert_array_equal(batch.target.numpy(), target)
+    ids = np.concatenate([b.x.numpy()[:, 0] for b in got])
+    assert len(np.unique(ids)) == len(ids)  # no bin drawn twice within an epoch
 
 
 def test_sampler_reads_one_block_at_a_time(bin_store, monkeypatch):
