@@ -51,8 +51,9 @@ def encode_bytes_per_bin(cfg, n_supports: int, n_query_cells: int, n_query_assay
     queried (cell, assay), the embeddings, the support grid and the first layer's halves.
 
     An estimate from the shapes (float32, ~3 live copies of each product: the product,
-    its elementwise transform, the result); it came within 10 % of the measured growth of
-    an actor's peak at 31 and 125 cell types (BENCHMARKS.md, issue 22)."""
+    its elementwise transform, the result). At 125 cell types x 24 assays with the reduced
+    model of BENCHMARKS.md's issue-22 section it gives 1.48 MiB per bin; an actor's peak
+    grew by 1.51 MiB per bin of its batches there."""
     N, A, C, H, d = cfg.n_cells, cfg.n_assays, cfg.n_channels, cfg.n_heads, cfg.embed_dim
     qc, qa = n_query_cells, n_query_assays
     attn = 3 * H * (qc * N + qa * A)

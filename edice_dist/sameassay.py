@@ -38,8 +38,10 @@ LOGIT_CAP = 15.0
 supported cell never underflows float32 (e^-30 ~ 1e-13) and the weighted mean over only
 the cells that observe the assay (a sum over all cells, masked) stays exact."""
 
-TRAIN_BLOCK_TARGETS = 24
-"""Targets per block of the training term (see :meth:`SameAssaySkip.forward`)."""
+TRAIN_KEPT_BYTES = 64 * 2**20
+"""Most bytes of the training term's gathers and weights kept for the backward pass (an
+estimate: bins x targets x cells x (channels + 4 heads) floats); past it the term is
+recomputed in blocks of targets this size (see :meth:`SameAssaySkip.forward`)."""
 
 HEAD_DIM = 16
 """Width of each head's query and key: similarity of cells needs few dimensions."""
@@ -161,15 +163,23 @@ class SameAssaySkip(nn.Module):
                 state["all"] = (est * w.to(est.dtype)).sum(dim=(-1, -2))  # (B, Qc, Qa)
             return state["all"][:, pos_c, pos_a]
         elif torch.is_grad_enabled() and self.recompute:  # per-bin targets (training)
-            # In blocks of targets, each recomputed in the backward pass rather than kept:
-            # its (bins, targets, cells, channels) gathers, (bins, targets, heads, cells)
-            # weights and their gradients grow with the cells, 240 MB a step at 125 cell
-            # types (BENCHMARKS.md, issue 22). Each target's term is its own: the terms are
-            # the same to the bit, the gradients summed over blocks the same to rounding.
-            step = TRAIN_BLOCK_TARGETS
-            return torch.cat([checkpoint(self._per_bin, g, s, q, k, pos_c[:, j:j + step],
-                                         pos_a[:, j:j + step], q_assays, use_reentrant=False)
-                              for j in range(0, pos_c.shape[1], step)], dim=1)
+            # Past a budget, in blocks of targets recomputed in the backward pass rather
+            # than kept: its (bins, targets, cells, channels) gathers, (bins, targets,
+            # heads, cells) weights and their gradients grow with the cells, 240 MB a
+            # step at 125 cell types (BENCHMARKS.md, issue 22); recomputing costs ~15 %
+            # of a reduced model's step there, so smaller vocabularies keep them. Each
+            # target's term is its own: the terms are the same to the bit, the gradients
+            # summed over blocks the same to rounding.
+            B, K = pos_c.shape
+            per_target = 4 * B * g.shape[2] * (g.shape[3] + 4 * self.heads)
+            step = max(1, TRAIN_KEPT_BYTES // per_target)
+            if step < K:
+                step = -(-K // -(-K // step))  # even blocks
+                return torch.cat([checkpoint(self._per_bin, g, s, q, k, pos_c[:, j:j + step],
+                                             pos_a[:, j:j + step], q_assays,
+                                             use_reentrant=False)
+                                  for j in range(0, K, step)], dim=1)
+            return self._per_bin(g, s, q, k, pos_c, pos_a, q_assays)
         else:
             return self._per_bin(g, s, q, k, pos_c, pos_a, q_assays)
         w = SKIP_SCALE * self.weight[q_assays][pos_a]  # (K or B x K, 1, C)

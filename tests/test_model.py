@@ -275,6 +275,40 @@ def test_per_bin_targets_match_reference(same_assay):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_training_skip_recomputed_in_blocks_matches_reference_and_kept_gradients(monkeypatch):
+    """Past its memory budget the training term is recomputed per block of targets: the
+    same predictions as the float64 reference, the same gradients as when kept."""
+    from edice_dist import sameassay
+
+    model = small_model(same_assay="attention").double()  # float64: no rounding to hide
+    with torch.no_grad():
+        model.same_assay_skip.weight.normal_()
+    x, support, tc, ta = random_batch(n_bins=4, seed=3)
+    x = x.double()
+    rng = np.random.default_rng(0)
+    qc = torch.from_numpy(rng.integers(0, 5, size=(4, 7)))
+    qa = torch.from_numpy(rng.integers(0, 4, size=(4, 7)))
+    calls = []
+    real = sameassay.checkpoint
+    monkeypatch.setattr(sameassay, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grads = {}
+    for recompute, budget in ((False, 10**9), (True, 1)):
+        monkeypatch.setattr(sameassay, "TRAIN_KEPT_BYTES", budget)
+        model.same_assay_skip.recompute = recompute
+        model.zero_grad()
+        out = model(x, support, tc, ta, qc, qa)
+        (out ** 2).sum().backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters()
+                            if p.grad is not None}
+        np.testing.assert_allclose(out.detach().numpy(),
+                                   numpy_forward(model, x, support, tc, ta, qc, qa),
+                                   rtol=1e-4, atol=1e-5)
+    assert len(calls) == 7  # one block per target at a 1-byte budget; none when kept
+    assert "same_assay_skip.weight" in grads[True]
+    for name, g in grads[False].items():  # sums in another order: rounding only
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-9, atol=1e-9)
+
+
 def test_node_inputs_divide_by_support_counts():
     """SPEC 2.1 on a case worked by hand: 3 cells, 2 assays, 4 tracks, 2 bins."""
     model = small_model(n_cells=3, n_assays=2)
