@@ -371,7 +371,9 @@ def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_
     sum p^2, sum y^2, sum p*y, squared error, AVG's squared error."""
     sums = torch.zeros(8, dtype=torch.float64)
     net.eval()
-    w64 = w_avg.astype(np.float64)
+    # AVG in torch, on the thread pool of the model: numpy's BLAS threads, woken once per
+    # batch, spin on the same cores and made validation 2x slower.
+    w64 = torch.from_numpy(w_avg).double()
     # No gradients, so up to 4 training batches at once, as far as the attention's
     # activations allow: they grow with the cells squared (BENCHMARKS.md, issue 22).
     step = encode_batch_bins(net.cfg, len(in_cells), len(torch.unique(val_cells)),
@@ -380,18 +382,16 @@ def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_
         for i in range(0, len(xv), step):
             xb = np.asarray(xv[i:i + step], dtype=np.float32)
             x = torch.from_numpy(xb).to(device)
-            yb = yv[i:i + step]
-            y = torch.from_numpy(yb).double()
+            y = torch.from_numpy(yv[i:i + step]).double()
             support = torch.ones(x.shape[:2], dtype=torch.bool, device=device)
             with autocast_for(device, precision):
                 p = net(x, support, in_cells, in_assays, val_cells, val_assays)
             p = p.double().cpu()
-            values = xb[..., 0] if xb.ndim == 3 else xb  # AVG takes the bins' own values
-            avg = values.astype(np.float64) @ w64
+            values = x[..., 0] if x.dim() == 3 else x  # AVG takes the bins' own values
+            avg = values.cpu().double() @ w64
             sums += torch.stack([torch.tensor(float(p.numel()), dtype=torch.float64), p.sum(),
                                  y.sum(), (p * p).sum(), (y * y).sum(), (p * y).sum(),
-                                 ((p - y) ** 2).sum(),
-                                 torch.tensor(float(((avg - yb) ** 2).sum()), dtype=torch.float64)])
+                                 ((p - y) ** 2).sum(), ((avg - y) ** 2).sum()])
     net.train()
     return sums.to(device)
 
