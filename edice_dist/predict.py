@@ -42,7 +42,12 @@ SMALLEST_BATCH_BINS = 32
 dominates."""
 
 ENCODE_BYTES = 64 * 2**20
-"""Budget for the encoder's activations of one batch (float32), per imputation actor."""
+"""Budget for the encoder's activations of one batch (float32) on a CPU, per imputation
+actor or training worker."""
+
+ENCODE_BYTES_CUDA = 2 * 2**30
+"""The same on a GPU, whose memory holds little else and whose kernels want long batches
+(not measured: no GPU was available)."""
 
 
 def encode_bytes_per_bin(cfg, n_supports: int, n_query_cells: int, n_query_assays: int) -> int:
@@ -67,12 +72,15 @@ def encode_bytes_per_bin(cfg, n_supports: int, n_query_cells: int, n_query_assay
 
 
 def encode_batch_bins(cfg, n_supports: int, n_query_cells: int, n_query_assays: int,
-                      most: int = MIN_BATCH_BINS, least: int = SMALLEST_BATCH_BINS) -> int:
-    """Bins of a batch whose encoder activations fit :data:`ENCODE_BYTES`: ``most`` when
-    it fits, else the largest power of two in [``least``, ``most``] that does (``least``
-    when none does). Imputation and validation size their batches with it."""
+                      most: int = MIN_BATCH_BINS, least: int = SMALLEST_BATCH_BINS,
+                      device: str | torch.device = "cpu") -> int:
+    """Bins of a batch whose encoder activations fit the device's budget
+    (:data:`ENCODE_BYTES`, :data:`ENCODE_BYTES_CUDA`): ``most`` when it fits, else the
+    largest power of two in [``least``, ``most``] that does (``least`` when none does).
+    Imputation and validation size their batches with it."""
     per_bin = encode_bytes_per_bin(cfg, n_supports, n_query_cells, n_query_assays)
-    fit = max(1, ENCODE_BYTES // max(per_bin, 1))
+    budget = ENCODE_BYTES_CUDA if torch.device(device).type == "cuda" else ENCODE_BYTES
+    fit = max(1, budget // max(per_bin, 1))
     if fit >= most:
         return int(most)
     return int(max(least, 1 << (int(fit).bit_length() - 1)))
@@ -405,7 +413,7 @@ def predict_chunk(
     q_assays, pos_a = np.unique(target_assays, return_inverse=True)
     if batch_bins is None:  # the decoder's rows, as far as the encoder's budget allows
         batch_bins = encode_batch_bins(cfg, support_cols.size, len(q_cells), len(q_assays),
-                                       most=max(MIN_BATCH_BINS, pred.rows // K))
+                                       most=max(MIN_BATCH_BINS, pred.rows // K), device=dev)
     batch_bins, k_block = plan_batches(K, pred.rows, batch_bins)
     if not pred.compiled:  # padding only buys static shapes for the compiler
         batch_bins = min(batch_bins, max(n_bins, 1))

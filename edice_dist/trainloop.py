@@ -377,7 +377,7 @@ def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_
     # No gradients, so up to 4 training batches at once, as far as the attention's
     # activations allow: they grow with the cells squared (BENCHMARKS.md, issue 22).
     step = encode_batch_bins(net.cfg, len(in_cells), len(torch.unique(val_cells)),
-                             len(torch.unique(val_assays)), most=4 * batch)
+                             len(torch.unique(val_assays)), most=4 * batch, device=device)
     with torch.no_grad():
         for i in range(0, len(xv), step):
             xb = np.asarray(xv[i:i + step], dtype=np.float32)

@@ -87,6 +87,9 @@ def test_batches_shrink_to_the_encoder_budget_and_predict_the_same(monkeypatch):
     monkeypatch.setattr(P, "ROWS_CPU", 8192)
     monkeypatch.setattr(P, "ENCODE_BYTES", per_bin * 300)
     assert P.encode_batch_bins(cfg, 14, 7, 5, most=8192 // 7) == 256
+    # A GPU's budget is its own.
+    monkeypatch.setattr(P, "ENCODE_BYTES_CUDA", per_bin * 600)
+    assert P.encode_batch_bins(cfg, 14, 7, 5, most=8192 // 7, device="cuda") == 512
     # A larger vocabulary never gets larger batches.
     big = ModelConfig(n_cells=125, n_assays=24, embed_dim=16, decoder_hidden=32,
                       same_assay="attention")
