@@ -166,10 +166,10 @@ class SameAssaySkip(nn.Module):
             # Past a budget, in blocks of targets recomputed in the backward pass rather
             # than kept: its (bins, targets, cells, channels) gathers, (bins, targets,
             # heads, cells) weights and their gradients grow with the cells, 240 MB a
-            # step at 125 cell types (BENCHMARKS.md, issue 22); recomputing costs ~15 %
-            # of a reduced model's step there, so smaller vocabularies keep them. Each
-            # target's term is its own: the terms are the same to the bit, the gradients
-            # summed over blocks the same to rounding.
+            # step at 125 cell types (BENCHMARKS.md, issue 22); recomputing them in 3
+            # blocks costs ~6 % of a reduced model's step there, so smaller vocabularies
+            # keep them. Each target's term is its own: the terms are the same to the
+            # bit, the gradients summed over blocks the same to rounding.
             B, K = pos_c.shape
             per_target = 4 * B * g.shape[2] * (g.shape[3] + 4 * self.heads)
             step = max(1, TRAIN_KEPT_BYTES // per_target)
