@@ -162,26 +162,23 @@ class SameAssaySkip(nn.Module):
                 w = SKIP_SCALE * self.weight[q_assays]  # (Qa, H, C)
                 state["all"] = (est * w.to(est.dtype)).sum(dim=(-1, -2))  # (B, Qc, Qa)
             return state["all"][:, pos_c, pos_a]
-        elif torch.is_grad_enabled() and self.recompute:  # per-bin targets (training)
-            # Past a budget, in blocks of targets recomputed in the backward pass rather
-            # than kept: its (bins, targets, cells, channels) gathers, (bins, targets,
-            # heads, cells) weights and their gradients grow with the cells, 240 MB a
-            # step at 125 cell types (BENCHMARKS.md, issue 22); recomputing them in 3
+        else:  # per-bin targets (training batches)
+            # In training, past a budget, in blocks of targets recomputed in the backward
+            # pass rather than kept: the (bins, targets, cells, channels) gathers, (bins,
+            # targets, heads, cells) weights and their gradients grow with the cells, 240
+            # MB a step at 125 cell types (BENCHMARKS.md, issue 22); recomputing them in 3
             # blocks costs ~6 % of a reduced model's step there, so smaller vocabularies
             # keep them. Each target's term is its own: the terms are the same to the
             # bit, the gradients summed over blocks the same to rounding.
             B, K = pos_c.shape
             per_target = 4 * B * g.shape[2] * (g.shape[3] + 4 * self.heads)
             step = max(1, TRAIN_KEPT_BYTES // per_target)
-            if step < K:
-                step = -(-K // -(-K // step))  # even blocks
-                return torch.cat([checkpoint(self._per_bin, g, s, q, k, pos_c[:, j:j + step],
-                                             pos_a[:, j:j + step], q_assays,
-                                             use_reentrant=False)
-                                  for j in range(0, K, step)], dim=1)
-            return self._per_bin(g, s, q, k, pos_c, pos_a, q_assays)
-        else:
-            return self._per_bin(g, s, q, k, pos_c, pos_a, q_assays)
+            if not (torch.is_grad_enabled() and self.recompute) or step >= K:
+                return self._per_bin(g, s, q, k, pos_c, pos_a, q_assays)
+            step = -(-K // -(-K // step))  # even blocks
+            return torch.cat([checkpoint(self._per_bin, g, s, q, k, pos_c[:, j:j + step],
+                                         pos_a[:, j:j + step], q_assays, use_reentrant=False)
+                              for j in range(0, K, step)], dim=1)
         w = SKIP_SCALE * self.weight[q_assays][pos_a]  # (K or B x K, 1, C)
         return (est * w.to(est.dtype)).sum(dim=(-1, -2))
 
