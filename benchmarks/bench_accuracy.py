@@ -72,6 +72,9 @@ VARIANTS = {
     "skip_peak0.3": {"same_assay": "attention", "peak_weight": "0.3", "refit": "false"},
     "skip_peak0.5": {"same_assay": "attention", "peak_weight": "0.5", "refit": "false"},
     "skip_peak1": {"same_assay": "attention", "peak_weight": "1", "refit": "false"},
+    "average": {"average_decay": "0.999"},
+    "average0.9995": {"average_decay": "0.9995"},
+    "selection_average": {"average_decay": "0.999", "refit": "false"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
 METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "catch1obs", "auprc")

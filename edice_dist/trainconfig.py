@@ -45,7 +45,7 @@ RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
 # Keys added after model folders began recording their config, with the value that runs
 # recorded without them had: a folder from before a key was added still resumes.
 LATER_KEYS = {"refit": False, "mask_cells": 0.0, "individual_bias": False,
-              "same_assay": "none", "peak_weight": 0.0}
+              "same_assay": "none", "peak_weight": 0.0, "average_decay": 0.0}
 
 
 @dataclass
@@ -76,6 +76,10 @@ class TrainConfig(Architecture):
     # alone lets a model flatten the rare peaks to win on the background (BENCHMARKS.md,
     # Peaks and broad domains).
     peak_weight: float = 0.1
+    # Validate, checkpoint and impute with an exponential moving average of the weights,
+    # this much kept per optimiser step (0: the weights as trained, the paper's):
+    # :class:`edice_dist.trainloop.WeightAverage`.
+    average_decay: float = 0.0
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50
@@ -106,7 +110,7 @@ class TrainConfig(Architecture):
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise InputError(f"Config key {k} must be a positive integer or auto, got {v}.")
-        for k in ("decoder_dropout", "attn_dropout", "mask_cells"):
+        for k in ("decoder_dropout", "attn_dropout", "mask_cells", "average_decay"):
             if not 0 <= getattr(self, k) < 1:
                 raise InputError(f"Config key {k} must be in [0, 1), got {getattr(self, k)}.")
         for k in ("max_target_fraction", "val_fraction"):

@@ -11,6 +11,7 @@ newest checkpoint of the run.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -128,7 +129,8 @@ def _initial_model(config: WorkerConfig, state: dict | None) -> EDICE:
     mcfg = config.model
     if state is not None:
         model = EDICE(mcfg)
-        model.load_state_dict(state["model"])
+        # With a weight average, "model" is the average and "train_model" what trains on.
+        model.load_state_dict(state.get(TRAIN_MODEL, state["model"]))
         return model
     if config.base_model:
         base, _ = checkpoint.load_model(config.base_model, "cpu")
@@ -136,6 +138,44 @@ def _initial_model(config: WorkerConfig, state: dict | None) -> EDICE:
                             individuals=mcfg.cell_individuals[base.cfg.n_cells:]).train()
     init_seed(config.train.seed)
     return EDICE(mcfg)
+
+
+TRAIN_MODEL = "train_model"
+"""Checkpoint key of the trained weights when the checkpoint's ``model`` is their average."""
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after every optimiser
+    step: ``avg += (1 - d) (w - avg)`` with ``d = min(decay, (1 + n) / (10 + n))`` after
+    ``n`` steps, so that the first steps do not weigh the random start.
+
+    The peak term of the loss makes the weights swing from step to step (validation MSE
+    moved by up to 17 % between epochs); the average is what validation scores and what a
+    checkpoint gives as the model (BENCHMARKS.md, Peaks and broad domains).
+
+    Parameters
+    ----------
+    net : the model being trained (its parameters are read, never written).
+    decay : the most weight the average keeps per step, in (0, 1).
+    state : a checkpoint written with an average: it continues from there.
+    """
+
+    def __init__(self, net: EDICE, decay: float, state: dict | None = None):
+        self.decay = decay
+        self.model = copy.deepcopy(net)
+        self.model.requires_grad_(False)
+        self.updates = 0
+        if state is not None and TRAIN_MODEL in state:
+            self.model.load_state_dict(state["model"])
+            self.updates = int(state["average_updates"])
+        self._avg = list(self.model.parameters())
+        self._live = list(net.parameters())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._avg, self._live, 1.0 - d)
 
 
 PEAK_ARCSINH = math.asinh(PEAK_PVAL)
@@ -227,6 +267,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
     masks = {}
     if config.kind == "finetune":
         masks = finetune_trainable(net, config.n_base_cells, config.n_base_assays)
+    average = WeightAverage(net, cfg.average_decay, state) if cfg.average_decay else None
     model = session.prepare(net)
     # eps as the reference implementation's (Keras' default, 1e-7; torch's is 1e-8); one
     # fused kernel per step instead of a dozen passes over every parameter.
@@ -276,6 +317,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
             for p, n_old in masks.items():
                 p.grad[:n_old] = 0
             opt.step()
+            if average is not None:
+                average.update()
             loss_sum += loss.detach()
             steps += 1
             if config.faults.get("train_exit_epoch") == epoch and rank == world - 1:
@@ -284,7 +327,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                 _faults.exit_once(config.out, f"the node of worker {rank} was lost during "
                                   f"epoch {epoch}", whole_node=True)
         train_s = time.perf_counter() - t0
-        val = _validate(net, xv, yv, w_avg, vin_cells, vin_assays, val_cells, val_assays,
+        scored = net if average is None else average.model
+        val = _validate(scored, xv, yv, w_avg, vin_cells, vin_assays, val_cells, val_assays,
                         cfg.batch_size, device, cfg.precision)
         agg = _all_reduce(torch.cat([val, torch.stack([loss_sum, torch.tensor(
             float(steps), dtype=torch.float64, device=device)])]))
@@ -302,7 +346,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
         history.append(row)
         report = {**row, "best_epoch": best_epoch if improved else 0, "stopped": int(stopped)}
         _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse,
-                stopped, report, seen)
+                stopped, report, seen, average)
         if rank == 0:
             _worker_log(_epoch_line(config.kind, epoch, cfg.epochs, metrics, improved))
             checkpoint.write_history(config.out, history)
@@ -412,14 +456,21 @@ def _epoch_line(kind: str, epoch: int, epochs: int, m: dict, improved: bool) -> 
 
 
 def _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
-            metrics, seen):
-    """Report the epoch on every worker; rank 0 attaches the checkpoint's files."""
+            metrics, seen, average: WeightAverage | None = None):
+    """Report the epoch on every worker; rank 0 attaches the checkpoint's files.
+
+    With a weight average, the checkpoint's ``model`` is the average (what validation
+    scored and what imputation uses) and ``train_model`` the weights training goes on from.
+    """
     name = f"epoch_{epoch:04d}"
     if session.rank != 0:
         session.report(metrics, None, name)
         return
+    def weights(m: EDICE) -> dict:
+        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
     state = {
-        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "model": weights(net if average is None else average.model),
         "optimizer": opt.state_dict(),
         "epoch": epoch,
         "history": history,
@@ -434,6 +485,9 @@ def _report(config, session, epoch, net, opt, history, restores, best_epoch, bes
         "transform": config.transform,
         "seen": seen,
     }
+    if average is not None:
+        state[TRAIN_MODEL] = weights(net)
+        state["average_updates"] = average.updates
     buf = io.BytesIO()
     torch.save(state, buf)
     summary = {"epoch": epoch, "best_epoch": best_epoch, "best_val_mse": best_mse,
