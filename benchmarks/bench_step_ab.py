@@ -2,14 +2,15 @@
 
     python benchmarks/bench_step_ab.py [--size paper|small] [--steps 15] \\
         [--a KEY=VALUE ...] [--b KEY=VALUE ...] [--threads 1] [--peak-weight W]
-        [--a-skip-kept] [--predict K [--bins N] [--a-batch-bins N]]
+        [--a-skip-kept] [--b-average DECAY] [--predict K [--bins N] [--a-batch-bins N]]
 
 Both models train on the same Roadmap-shaped batch (127 cell types x 24 assays, 1,014
 observed tracks, 120 targets per bin, 256 bins, with the default local-context channels)
 with forward, backward and Adam; their steps alternate A, B, A, B, ... so that a shared
 or noisy machine slows both alike, and the ratio of the medians is reported. ``paper``
 is the paper's model size; ``small`` the accuracy benchmarks' (embed_dim 64, decoder
-512, 30 targets). ``--peak-weight`` applies the peak-weighted loss to B.
+512, 30 targets). ``--peak-weight`` applies the peak-weighted loss to B, ``--b-average``
+B's moving average of the weights (``average_decay``) after each of its steps.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_train import BATCH, N_ASSAYS, N_CELLS, paper_batch  # noqa: E402
 
 from edice_dist.model import EDICE, ModelConfig  # noqa: E402
-from edice_dist.trainloop import training_loss  # noqa: E402
+from edice_dist.trainloop import WeightAverage, training_loss  # noqa: E402
 
 SIZES = {"paper": {}, "small": {"embed_dim": 64, "decoder_hidden": 512}}
 TARGETS = {"paper": 120, "small": 30}
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--a-skip-kept", action="store_true",
                     help="A keeps the same-assay skip's training activations instead of "
                          "recomputing them in the backward pass")
+    ap.add_argument("--b-average", type=float, metavar="DECAY", default=0.0,
+                    help="B updates a moving average of its weights after every step")
     ap.add_argument("--a-batch-bins", type=int, metavar="N",
                     help="with --predict: A imputes in batches of N bins (B: the default plan)")
     a = ap.parse_args(argv)
@@ -111,6 +114,7 @@ def main(argv=None) -> int:
             "B": (*make(a.size, parse(a.b)), a.peak_weight)}
     if a.a_skip_kept:
         runs["A"][0].same_assay_skip.recompute = False
+    averages = {"B": WeightAverage(runs["B"][0], a.b_average)} if a.b_average else {}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(a.steps + 1):
         for name, (model, opt, pw) in runs.items():
@@ -120,13 +124,16 @@ def main(argv=None) -> int:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if name in averages:
+                averages[name].update()
             if i:  # the first step warms up
                 times[name].append(time.perf_counter() - t)
     med = {n: float(np.median(v)) for n, v in times.items()}
     print(f"# bench_step_ab: size {a.size}, {a.threads} thread(s), {a.steps} steps each, "
           f"{BATCH} bins x {k} targets; A {parse(a.a) or 'default'}, B {parse(a.b)}"
           + (f", peak_weight {a.peak_weight}" if a.peak_weight else "")
-          + (", A keeps the skip's activations" if a.a_skip_kept else ""))
+          + (", A keeps the skip's activations" if a.a_skip_kept else "")
+          + (f", B averages its weights ({a.b_average})" if a.b_average else ""))
     for n in ("A", "B"):
         print(f"{n}: median step {med[n] * 1e3:.1f} ms, {BATCH / med[n]:.0f} bins/s, "
               f"{runs[n][0].n_parameters():,} parameters")

@@ -77,13 +77,13 @@ SETTINGS = {"embed_dim": 64, "n_heads": 4, "ffn_dim": 128, "decoder_hidden": 512
             "refit": False}
 """The refit (a second run on every track) is off: one epoch against one epoch."""
 
-PAPER = {"context": "none", "same_assay": "none", "peak_weight": 0.0}
+PAPER = {"context": "none", "same_assay": "none", "peak_weight": 0.0, "average_decay": 0.0}
 VARIANTS = {"paper": PAPER, "paper_fp32": {**PAPER, "precision": "float32"}, "default": {}}
 """``paper``: the reference's arithmetic exactly (the side-by-side rows), trained as by
 default (``precision=auto``: the decoder's products in bf16 on CPUs that have it);
 ``paper_fp32``: the same in float32 throughout (the accuracy cost of the bf16 products);
-``default``: the model new runs get (local-context channels, the same-assay skip and the
-peak term of the loss)."""
+``default``: the model new runs get (local-context channels, the same-assay skip, the
+peak term of the loss and the moving average of the weights)."""
 
 
 def _cpu_self() -> float:

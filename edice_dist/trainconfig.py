@@ -57,7 +57,7 @@ class TrainConfig(Architecture):
 
     # New models also read each support's means over windows of 9, 41 and 201 bins around
     # the bin (BENCHMARKS.md, Quality). The paper's model exactly: ``context=none
-    # same_assay=none peak_weight=0``.
+    # same_assay=none peak_weight=0 average_decay=0``.
     context: tuple[int, ...] = (4, 20, 100)
     # New models also read the target assay's signal in the cells most like the target
     # cell straight into the output (:mod:`edice_dist.sameassay`; BENCHMARKS.md, Peaks and
@@ -77,9 +77,10 @@ class TrainConfig(Architecture):
     # Peaks and broad domains).
     peak_weight: float = 0.1
     # Validate, checkpoint and impute with an exponential moving average of the weights,
-    # this much kept per optimiser step (0: the weights as trained, the paper's):
-    # :class:`edice_dist.trainloop.WeightAverage`.
-    average_decay: float = 0.0
+    # this much kept per optimiser step (0: the weights as trained, the paper's). The peak
+    # term makes the weights swing between epochs, and the refit keeps its last one
+    # unvalidated (:class:`edice_dist.trainloop.WeightAverage`; BENCHMARKS.md, Peaks).
+    average_decay: float = 0.999
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50

@@ -45,12 +45,12 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_NODES = 2
-# The model is pinned (no same-assay skip, plain MSE) so that its selection keeps all 3
+# The model is pinned (no same-assay skip, plain MSE, no weight average) so that its selection keeps all 3
 # epochs, which the node-loss checks count on; what they test is the recovery.
 TRAIN = {"embed_dim": 16, "n_heads": 2, "ffn_dim": 16, "decoder_hidden": 32, "epochs": 3,
          "bins_per_epoch": 1024, "batch_size": 64, "val_bins": 500, "seed": 0, "patience": 3,
          "workers": 2, "cpus_per_worker": 1, "max_failures": 3, "same_assay": "none",
-         "peak_weight": 0}
+         "peak_weight": 0, "average_decay": 0}
 LOSE_EPOCH = 2
 LOSE_CHUNK = "chr1:3"
 JOB_TIMEOUT_S = 420

@@ -69,6 +69,7 @@ def test_config_file_and_overrides(tmp_path):
     ({"embed_dim": "30", "n_heads": "4"}, "divisible"),
     ({"val_fraction": "0"}, "val_fraction"),
     ({"peak_weight": "-1"}, "peak_weight must be >= 0"),
+    ({"average_decay": "1"}, r"average_decay must be in \[0, 1\), got 1.0"),
     ({"same_assay": "knn"}, "same_assay must be one of none, mean, attention"),
 ])
 def test_bad_config_is_a_clear_error(over, match):
