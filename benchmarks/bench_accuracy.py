@@ -29,7 +29,8 @@ default before the same-assay skip and the peak term (refit included); ``noskip`
 ``mean``, ``attention``, ``skip_peak*`` and ``default_peak0.1`` are the steps measured in
 BENCHMARKS.md, "Peaks and broad domains", without the weight average; ``noaverage`` is the
 default without it, ``average`` with it (``average_decay=0.999``, the default) and
-``selection_average`` its selection run alone.
+``selection_average`` its selection run alone; ``mask0.1`` the default with
+``mask_cells=0.1``.
 Prints per consortium and overall: the mean over held-out tracks of MSE, GWcorr, MSE on
 peaks (``mse_fg``), MSE on the truth's top 1 % (``mse1obs``), AUPRC, and the MSE of the
 broad marks, for every method; and on how many tracks each variant beats AVG.
@@ -77,6 +78,7 @@ VARIANTS = {
     "noaverage": {"average_decay": "0"},
     "average": {"average_decay": "0.999"},
     "selection_average": {"average_decay": "0.999", "refit": "false"},
+    "mask0.1": {"mask_cells": "0.1"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
 METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "catch1obs", "auprc")
