@@ -13,7 +13,7 @@ import pytest
 import torch
 from failcheck import changes, paragraph, tree
 from failcheck import cli as run_cli
-from trainstore import make_store
+from trainstore import SMALL, epoch_state, load_pt, make_store, same_weights
 
 from edice_dist import _faults, checkpoint, cli, trainloop
 from edice_dist.errors import InputError
@@ -304,25 +304,12 @@ def test_training_beats_avg_and_survives_a_killed_worker(sim_store, tmp_path, mo
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("small") / "store")
-    make_store(path, n_cells=6, n_assays=4, chrom_bins=(1500, 900), chunk_bins=256,
-               splits={(0, 1): "val", (3, 2): "val", (5, 3): "test"}, missing=((2, 2),))
+    make_store(path, **SMALL)
     return path
 
 
-def _state(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _epoch_state(out, epoch):
-    for run in sorted(os.listdir(os.path.join(out, "ray")), reverse=True):
-        p = os.path.join(out, "ray", run, f"epoch_{epoch:04d}", "state.pt")
-        if os.path.exists(p):
-            return _state(p)["model"]
-    raise AssertionError(f"no checkpoint of epoch {epoch} in {out}")
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return epoch_state(out, epoch)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -341,9 +328,9 @@ def test_same_seed_gives_the_same_model_and_resume_continues_exactly(seeded_runs
     a, b = seeded_runs["a"], seeded_runs["b"]
     assert seeded_runs["first"]["epochs_run"] == 2 and seeded_runs["more"]["epochs_run"] == 3
     # 2 epochs + resume for 1 more == 3 epochs at once, bit for bit (CPU, one worker).
-    assert _same(_epoch_state(a, 3), _epoch_state(b, 3))
-    ma, mb = _state(os.path.join(a, "model.pt")), _state(os.path.join(b, "model.pt"))
-    assert _same(ma["state_dict"], mb["state_dict"])
+    assert same_weights(_epoch_state(a, 3), _epoch_state(b, 3))
+    ma, mb = load_pt(os.path.join(a, "model.pt")), load_pt(os.path.join(b, "model.pt"))
+    assert same_weights(ma["state_dict"], mb["state_dict"])
     ha, hb = ma["meta"]["history"], mb["meta"]["history"]
     assert [(h["epoch"], h["train_loss"], h["val_mse"]) for h in ha] == \
         [(h["epoch"], h["train_loss"], h["val_mse"]) for h in hb]
@@ -569,10 +556,10 @@ def test_the_best_epoch_is_kept_not_the_last(small_store, ray_local, tmp_path, m
     cfg = _scripted_config("false")
     res = train(small_store, out, cfg)
     assert res["best_epoch"] == 2 and res["epochs_run"] == 3
-    kept = _state(os.path.join(out, "model.pt"))
+    kept = load_pt(os.path.join(out, "model.pt"))
     assert kept["meta"]["epoch"] == 2 and kept["meta"]["best_val_mse"] == 0.5
-    assert _same(kept["state_dict"], _epoch_state(out, 2))
-    assert not _same(kept["state_dict"], _epoch_state(out, 3))
+    assert same_weights(kept["state_dict"], _epoch_state(out, 2))
+    assert not same_weights(kept["state_dict"], _epoch_state(out, 3))
 
 
 def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local, tmp_path,
@@ -586,14 +573,14 @@ def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local
     cfg = _scripted_config("true")
     res = train(small_store, out, cfg)
     assert res["best_epoch"] == 2 and res["best_val_mse"] == 0.5
-    kept = _state(os.path.join(out, "model.pt"))
+    kept = load_pt(os.path.join(out, "model.pt"))
     meta = kept["meta"]
     assert meta["refit"]["epochs"] == 2 and meta["refit"]["best_val_mse"] == 0.5
     assert meta["epochs_run"] == 2 and meta["epoch"] == 2  # epoch 1 scored better
     assert [r["val_mse"] for r in meta["history"]] == [0.3, 0.4]
-    assert _same(kept["state_dict"], _epoch_state(out, 2))
-    selected = _state(os.path.join(out, "select", "model.pt"))
-    assert not _same(kept["state_dict"], selected["state_dict"])
+    assert same_weights(kept["state_dict"], _epoch_state(out, 2))
+    selected = load_pt(os.path.join(out, "select", "model.pt"))
+    assert not same_weights(kept["state_dict"], selected["state_dict"])
 
     st = open_store(small_store)
     ids = st.track_ids()
@@ -611,10 +598,10 @@ def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local
     # epoch 2 to epoch 4 (in-sample scores 0.35 and 0.45 do not matter).
     _script_validation(monkeypatch, [0.2, 0.35, 0.45])
     res = train(small_store, out, dataclasses.replace(cfg, epochs=4), resume=True)
-    meta = _state(os.path.join(out, "model.pt"))["meta"]
+    meta = load_pt(os.path.join(out, "model.pt"))["meta"]
     assert res["best_epoch"] == 4 and meta["refit"]["epochs"] == 4 and meta["epoch"] == 4
     assert [r["val_mse"] for r in meta["history"]] == [0.3, 0.4, 0.35, 0.45]
-    assert _same(_state(os.path.join(out, "model.pt"))["state_dict"], _epoch_state(out, 4))
+    assert same_weights(load_pt(os.path.join(out, "model.pt"))["state_dict"], _epoch_state(out, 4))
 
 
 def test_a_model_trained_without_the_refit_is_not_refitted_in_place(small_store, ray_local,

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from trainstore import make_store
+from trainstore import SMALL, epoch_state, load_pt, make_store, same_weights
 
 from edice_dist import trainloop
 from edice_dist.model import EDICE, ModelConfig
@@ -50,25 +50,8 @@ def test_average_follows_the_moving_average_recurrence():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("avg") / "store")
-    make_store(path, n_cells=6, n_assays=4, chrom_bins=(1500, 900), chunk_bins=256,
-               splits={(0, 1): "val", (3, 2): "val", (5, 3): "test"}, missing=((2, 2),))
+    make_store(path, **SMALL)
     return path
-
-
-def _state(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _epoch_state(out, epoch):
-    for run in sorted(os.listdir(os.path.join(out, "ray")), reverse=True):
-        p = os.path.join(out, "ray", run, f"epoch_{epoch:04d}", "state.pt")
-        if os.path.exists(p):
-            return _state(p)
-    raise AssertionError(f"no checkpoint of epoch {epoch} in {out}")
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_validation_scores_the_average_and_a_resume_continues_it(store, ray_local, tmp_path,
@@ -91,15 +74,15 @@ def test_validation_scores_the_average_and_a_resume_continues_it(store, ray_loca
             for e in os.listdir(os.path.join(a, "ray", r)) if e.startswith("epoch_")]
     assert 3 in kept
     for epoch in kept:
-        ck = _epoch_state(a, epoch)
+        ck = epoch_state(a, epoch)
         # What validation scored is the checkpoint's model, and that is the average, not
         # the weights that train on.
-        assert _same(scored_a[epoch - 1], ck["model"])
-        assert not _same(ck["model"], ck[trainloop.TRAIN_MODEL])
+        assert same_weights(scored_a[epoch - 1], ck["model"])
+        assert not same_weights(ck["model"], ck[trainloop.TRAIN_MODEL])
         assert ck["average_updates"] == epoch * 1024 // 64
     # 2 epochs, then a resume to 3, is 3 epochs at once: both weights, bit for bit.
-    ca, cb = _epoch_state(a, 3), _epoch_state(b, 3)
-    assert _same(ca["model"], cb["model"])
-    assert _same(ca[trainloop.TRAIN_MODEL], cb[trainloop.TRAIN_MODEL])
-    best = _state(os.path.join(b, "model.pt"))
-    assert _same(best["state_dict"], _epoch_state(b, best["meta"]["epoch"])["model"])
+    ca, cb = epoch_state(a, 3), epoch_state(b, 3)
+    assert same_weights(ca["model"], cb["model"])
+    assert same_weights(ca[trainloop.TRAIN_MODEL], cb[trainloop.TRAIN_MODEL])
+    best = load_pt(os.path.join(b, "model.pt"))
+    assert same_weights(best["state_dict"], epoch_state(b, best["meta"]["epoch"])["model"])

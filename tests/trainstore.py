@@ -9,7 +9,10 @@ what eDICE can learn and the AVG baseline (same assay, other cells) cannot.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import torch
 import zarr
 
 from edice_dist import storage, store
@@ -72,3 +75,25 @@ def make_store(path: str, n_cells: int = 6, n_assays: int = 4,
         off += n
     store.mark_complete(path)  # what ingest does last
     return store.open_store(path), truth
+
+
+SMALL = {"n_cells": 6, "n_assays": 4, "chrom_bins": (1500, 900), "chunk_bins": 256,
+         "splits": {(0, 1): "val", (3, 2): "val", (5, 3): "test"}, "missing": ((2, 2),)}
+"""The training tests' store: two validation tracks, a test track and a missing pair."""
+
+
+def load_pt(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def epoch_state(out: str, epoch: int) -> dict:
+    """The newest checkpoint of ``epoch`` in the model folder ``out`` (all its keys)."""
+    for run in sorted(os.listdir(os.path.join(out, "ray")), reverse=True):
+        p = os.path.join(out, "ray", run, f"epoch_{epoch:04d}", "state.pt")
+        if os.path.exists(p):
+            return load_pt(p)
+    raise AssertionError(f"no checkpoint of epoch {epoch} in {out}")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
