@@ -455,6 +455,10 @@ def _epoch_line(kind: str, epoch: int, epochs: int, m: dict, improved: bool) -> 
             f"{m['bins_per_s']:,.0f} bins/s, {m['seconds']:.1f} s{'  *best*' if improved else ''}")
 
 
+def _cpu_weights(m: EDICE) -> dict:
+    return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+
 def _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
             metrics, seen, average: WeightAverage | None = None):
     """Report the epoch on every worker; rank 0 attaches the checkpoint's files.
@@ -466,11 +470,8 @@ def _report(config, session, epoch, net, opt, history, restores, best_epoch, bes
     if session.rank != 0:
         session.report(metrics, None, name)
         return
-    def weights(m: EDICE) -> dict:
-        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
-
     state = {
-        "model": weights(net if average is None else average.model),
+        "model": _cpu_weights(net if average is None else average.model),
         "optimizer": opt.state_dict(),
         "epoch": epoch,
         "history": history,
@@ -486,7 +487,7 @@ def _report(config, session, epoch, net, opt, history, restores, best_epoch, bes
         "seen": seen,
     }
     if average is not None:
-        state[TRAIN_MODEL] = weights(net)
+        state[TRAIN_MODEL] = _cpu_weights(net)
         state["average_updates"] = average.updates
     buf = io.BytesIO()
     torch.save(state, buf)
