@@ -2,7 +2,8 @@
 
     python benchmarks/bench_step_ab.py [--size paper|small] [--steps 15] \\
         [--a KEY=VALUE ...] [--b KEY=VALUE ...] [--threads 1] [--peak-weight W]
-        [--a-skip-kept] [--b-average DECAY] [--predict K [--bins N] [--a-batch-bins N]]
+        [--a-skip-kept] [--b-average DECAY]
+        [--predict K [--bins N] [--a-batch-bins N] [--b-blend W]]
 
 Both models train on the same Roadmap-shaped batch (127 cell types x 24 assays, 1,014
 observed tracks, 120 targets per bin, 256 bins, with the default local-context channels)
@@ -10,7 +11,8 @@ with forward, backward and Adam; their steps alternate A, B, A, B, ... so that a
 or noisy machine slows both alike, and the ratio of the medians is reported. ``paper``
 is the paper's model size; ``small`` the accuracy benchmarks' (embed_dim 64, decoder
 512, 30 targets). ``--peak-weight`` applies the peak-weighted loss to B, ``--b-average``
-B's moving average of the weights (``average_decay``) after each of its steps.
+B's moving average of the weights (``average_decay``) after each of its steps;
+``--b-blend`` gives B's imputation an AVG blend of weight W (``avg_blend``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def predict_ab(a) -> int:
     rng = np.random.default_rng(1)
     pairs = rng.choice(N_CELLS * N_ASSAYS, size=a.predict, replace=False)
     kc, ka = pairs // N_ASSAYS, pairs % N_ASSAYS
-    preds = {n: prepare(make(a.size, parse(kv))[0]) for n, kv in (("A", a.a), ("B", a.b))}
+    models = {n: make(a.size, parse(kv))[0] for n, kv in (("A", a.a), ("B", a.b))}
+    if a.b_blend:
+        models["B"].set_blend((a.b_blend,) * N_ASSAYS)
+    preds = {n: prepare(m) for n, m in models.items()}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(a.steps + 1):
         for n, p in preds.items():
@@ -74,7 +79,8 @@ def predict_ab(a) -> int:
     print(f"# bench_step_ab --predict: size {a.size}, {a.threads} thread(s), {a.steps} chunks "
           f"each of {xc.shape[0]} bins x {a.predict} targets, dtype {preds['A'].dtype}; "
           f"A {parse(a.a) or 'default'}"
-          f"{f' in batches of {a.a_batch_bins} bins' if a.a_batch_bins else ''}, B {parse(a.b)}")
+          f"{f' in batches of {a.a_batch_bins} bins' if a.a_batch_bins else ''}, B {parse(a.b)}"
+          f"{f' with an AVG blend of {a.b_blend}' if a.b_blend else ''}")
     for n in ("A", "B"):
         print(f"{n}: median chunk {med[n]:.2f} s, {xc.shape[0] * a.predict / med[n]:,.0f} "
               "target-bins/s")
@@ -98,6 +104,8 @@ def main(argv=None) -> int:
                          "recomputing them in the backward pass")
     ap.add_argument("--b-average", type=float, metavar="DECAY", default=0.0,
                     help="B updates a moving average of its weights after every step")
+    ap.add_argument("--b-blend", type=float, metavar="W", default=0.0,
+                    help="with --predict: B's imputation blends AVG with weight W")
     ap.add_argument("--a-batch-bins", type=int, metavar="N",
                     help="with --predict: A imputes in batches of N bins (B: the default plan)")
     a = ap.parse_args(argv)

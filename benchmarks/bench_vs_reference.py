@@ -77,7 +77,8 @@ SETTINGS = {"embed_dim": 64, "n_heads": 4, "ffn_dim": 128, "decoder_hidden": 512
             "refit": False}
 """The refit (a second run on every track) is off: one epoch against one epoch."""
 
-PAPER = {"context": "none", "same_assay": "none", "peak_weight": 0.0, "average_decay": 0.0}
+PAPER = {"context": "none", "same_assay": "none", "peak_weight": 0.0, "average_decay": 0.0,
+         "avg_blend": False}
 VARIANTS = {"paper": PAPER, "paper_fp32": {**PAPER, "precision": "float32"}, "default": {}}
 """``paper``: the reference's arithmetic exactly (the side-by-side rows), trained as by
 default (``precision=auto``: the decoder's products in bf16 on CPUs that have it);

@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from . import __version__, storage
+from . import __version__, blend, storage
 from .errors import InputError
 from .model import EDICE, ModelConfig
 from .tracks import check_vocabulary
@@ -137,6 +137,9 @@ def describe(model_dir: str) -> str:
         f"({', '.join(meta['assays'])})",
         f"transform    {meta['transform']}",
     ]
+    if cfg.get("blend"):
+        lines.append(f"AVG blend    {blend.describe(cfg['blend'], meta['assays'])} (weight of "
+                     "AVG in the output, fitted on the validation tracks)")
     people = sorted(set(cfg.get("cell_individuals") or []) - {""})
     if people:
         bias = "with" if cfg.get("individual_bias") else "without"

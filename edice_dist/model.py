@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blend import blend_inputs, mix
 from .context import check as check_context
 from .context import n_channels
 from .sameassay import SameAssaySkip
@@ -47,6 +48,9 @@ class ModelConfig:
     individual_bias: bool = False  # learned attention bias between cells of one individual
     same_assay: Literal["none", "mean", "attention"] = "none"  # :mod:`edice_dist.sameassay`
     cell_individuals: tuple[str, ...] = ()  # per cell row, its individual ('' for none)
+    # Per assay, the weight of AVG in the imputed output, fitted on the validation tracks
+    # when training ends (:mod:`edice_dist.blend`); empty: none. Training never applies it.
+    blend: tuple[float, ...] = ()
 
     def __post_init__(self):
         try:  # a list from JSON; sorted, so that (4, 20) and [20, 4] are one model
@@ -63,6 +67,11 @@ class ModelConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
         if self.decoder_layers < 1:
             raise ValueError("decoder_layers must be >= 1")
+        object.__setattr__(self, "blend", tuple(float(v) for v in self.blend))
+        if self.blend and (len(self.blend) != self.n_assays
+                           or not all(0 <= v <= 1 for v in self.blend)):
+            raise ValueError(f"blend must hold one weight in [0, 1] per assay "
+                             f"({self.n_assays}), got {list(self.blend)}")
         if self.same_assay not in SAME_ASSAY:
             raise ValueError(f"same_assay must be one of {', '.join(SAME_ASSAY)}, "
                              f"got {self.same_assay!r}")
@@ -214,6 +223,8 @@ class EDICE(nn.Module):
         groups = [names.get(n, -1) for n in cfg.cell_individuals] or [-1] * cfg.n_cells
         self.register_buffer("cell_group", torch.tensor(groups, dtype=torch.long),
                              persistent=False)
+        self.register_buffer("blend", torch.zeros(0), persistent=False)
+        self.set_blend(cfg.blend)
         self.individual_logit = None
         if cfg.individual_bias and names:
             # One logit per head, added where a cell attends to a cell of its own individual:
@@ -249,6 +260,14 @@ class EDICE(nn.Module):
                 nn.init.xavier_uniform_(w)
         if skip is not None:  # last, so that the paper's parts start as without it
             skip.reset_parameters()
+
+    def set_blend(self, blend) -> None:
+        """Set the per-assay weights of AVG in the output (:mod:`edice_dist.blend`);
+        empty or all zero: none. They are part of the config, not of the weights."""
+        blend = tuple(float(v) for v in blend)
+        self.cfg = replace(self.cfg, blend=blend if any(blend) else ())
+        ref = self.cell_group.device
+        self.blend = torch.tensor(self.cfg.blend, dtype=torch.float32, device=ref)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -323,7 +342,33 @@ class EDICE(nn.Module):
         skip = None
         if self.same_assay_skip is not None:
             skip = self.same_assay_skip.prepare(grid, count, h_c, c_ctx, query_assays)
+        if self.blend.numel() and not self.training:
+            skip = {} if skip is None else skip
+            skip["avg"] = blend_inputs(grid, count, query_cells, query_assays)
         return c_ctx, a_ctx, skip
+
+    def skip_term(self, state: dict | None, pos_c: torch.Tensor, pos_a: torch.Tensor,
+                  q_assays: torch.Tensor) -> torch.Tensor | None:
+        """The same-assay skip of each target (B, K); None without the skip."""
+        if state is None or self.same_assay_skip is None:
+            return None
+        return self.same_assay_skip(state, pos_c, pos_a, q_assays)
+
+    def blend_avg(self, y: torch.Tensor, state: dict | None, pos_c: torch.Tensor,
+                  pos_a: torch.Tensor, q_assays: torch.Tensor) -> torch.Tensor:
+        """The output ``y`` (B, K) mixed with AVG where the model has a blend (imputation
+        only): ``y + blend[a] (AVG - y)`` wherever another cell has the target's assay
+        (:mod:`edice_dist.blend`)."""
+        if state is None or "avg" not in state:
+            return y
+        return mix(y, state["avg"], pos_c, pos_a, self.blend[q_assays])
+
+    def output_terms(self, y: torch.Tensor, state: dict | None, pos_c: torch.Tensor,
+                     pos_a: torch.Tensor, q_assays: torch.Tensor) -> torch.Tensor:
+        """The decoder's output ``y`` (B, K) plus the same-assay skip, then the blend."""
+        skip = self.skip_term(state, pos_c, pos_a, q_assays)
+        y = y if skip is None else y + skip.to(y.dtype)
+        return self.blend_avg(y, state, pos_c, pos_a, q_assays)
 
     def contextualise(self, x, support, track_cells, track_assays, query_cells, query_assays):
         """Contextualised embeddings of the queried cells (B, Qc, d) and assays (B, Qa, d)."""
@@ -389,9 +434,10 @@ class EDICE(nn.Module):
                 z = (pc.reshape(-1, H).index_select(0, (rows * Qc + pos_c).flatten())
                      + pa.reshape(-1, H).index_select(
                          0, (rows * pa.shape[1] + pos_a).flatten())).view(*pos_c.shape, H)
-            skip = None if state is None else self.same_assay_skip(state, pos_c, pos_a, q_assays)
+            skip = self.skip_term(state, pos_c, pos_a, q_assays)
         out = self.decode_hidden(z)
-        return out if skip is None else out + skip.to(out.dtype)
+        out = out if skip is None else out + skip.to(out.dtype)
+        return self.blend_avg(out, state, pos_c, pos_a, q_assays)
 
 
 def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
@@ -428,7 +474,9 @@ def extend_vocab(model: EDICE, n_cells: int, n_assays: int,
     inds = tuple(cfg.cell_individuals or [""] * cfg.n_cells) + tuple(individuals or [""] * n_new)
     if len(inds) != n_cells:
         raise ValueError(f"individuals names {len(individuals or [])} new cells, not {n_new}")
-    new = EDICE(replace(cfg, n_cells=n_cells, n_assays=n_assays,
+    # A new assay has no fitted blend: it reads out as the model alone.
+    blend = tuple(cfg.blend) + (0.0,) * (n_assays - cfg.n_assays) if cfg.blend else ()
+    new = EDICE(replace(cfg, n_cells=n_cells, n_assays=n_assays, blend=blend,
                         cell_individuals=inds if any(inds) else ())).to(ref.device, ref.dtype)
     old_state = model.state_dict()
     state = new.state_dict()

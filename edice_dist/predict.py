@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .blend import target_weights
 from .model import EDICE, decoder_macs, first_layer_macs, keep_mask
 
 # Decoder rows (bins x targets) per matrix product. Large enough that the products run
@@ -447,10 +448,13 @@ def predict_chunk(
                 pk_c, pk_a = pos_c[k0:k0 + k_block], pos_a[k0:k0 + k_block]
                 y = pred.decode(pc, pa, pk_c, pk_a)
                 if skip is not None:  # float32: a few multiply-adds per target and cell
-                    y = y + m.same_assay_skip(skip, pk_c, pk_a, q_assays).T
+                    y = m.output_terms(y.T, skip, pk_c, pk_a, q_assays).T
                 out[k0:k1, b0:b1] = y[: k1 - k0, : b1 - b0].cpu().numpy()
                 if samples:
                     sd = _mc_spread(pred, pc, pa, pk_c, pk_a, samples, cfg.decoder_dropout)
+                    if skip is not None and "avg" in skip:  # the blend scales the decoder
+                        lam = target_weights(skip["avg"], pk_c, pk_a, m.blend[q_assays])[1]
+                        sd = sd * (1 - lam.T)
                     spread[k0:k1, b0:b1] = sd[: k1 - k0, : b1 - b0].cpu().numpy()
     return (out, spread) if samples else out
 

@@ -31,7 +31,9 @@ import datetime as _dt
 import functools
 import os
 
-from . import _faults, checkpoint, owned, storage
+import numpy as np
+
+from . import _faults, blend, checkpoint, owned, storage
 from .errors import EdiceError, InputError, explain
 from .model import EDICE, ModelConfig
 from .progress import log
@@ -189,8 +191,9 @@ def finetune(model_dir: str, store: str, out: str, config_file: str | None = Non
     st_cells, st_assays = (st.cell_keys, st.assays) if tracks is None else selected_vocab(st, plan)
     cells = list(meta["cell_keys"]) + sorted(set(st_cells) - set(meta["cell_keys"]))
     assays = list(meta["assays"]) + sorted(set(st_assays) - set(meta["assays"]))
+    # No AVG blend while training: the fine-tuned model's is fitted when it ends.
     new_cfg = ModelConfig.from_dict({**base_cfg, "n_cells": len(cells), "n_assays": len(assays),
-                                     "cell_individuals": individuals_of(cells)})
+                                     "cell_individuals": individuals_of(cells), "blend": ()})
     record = {"kind": "finetune", "config": cfg.to_dict(), "store": st.identity(),
               "parent_model": model_dir}
     if tracks is not None:
@@ -242,9 +245,10 @@ def _select_then_refit(st: TrackStore, out: str, cfg: TrainConfig, plan: TrackPl
     # best epoch then continues the refit from its last checkpoint, which is the same as
     # refitting for the new number of epochs from the start (every epoch is seeded).
     ref_cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs)
+    sel_blend = checkpoint.load_meta(storage.join(out, SELECT_DIR))["model_config"].get("blend")
     record = {**record, "config": ref_cfg.to_dict(),
               "refit": {"folder": SELECT_DIR, "epochs": epochs,
-                        "best_val_mse": sel["best_val_mse"]}}
+                        "best_val_mse": sel["best_val_mse"], "avg_blend": sel_blend or []}}
     res = _run(st, out, ref_cfg, refit_plan, cells, assays, record,
                {**loop, "keep_last": True, "val_input_cols": plan.inputs}, resume, in_process)
     return {**res, "best_epoch": epochs, "best_val_mse": sel["best_val_mse"],
@@ -504,6 +508,23 @@ def _fit(job: WorkerConfig, workers: int, cpus: int):
         raise _training_error(e, out) from e
 
 
+def _blend(record: dict, plan: TrackPlan, assays: list[str], best: dict) -> tuple[float, ...]:
+    """The AVG blend of the finished model (:mod:`edice_dist.blend`): a refit's comes
+    from its selection run, which held the validation tracks out; a run's own is fitted
+    on its validation tracks at the best epoch; none without ``avg_blend`` or them."""
+    if not record["config"].get("avg_blend", False):
+        return ()
+    if "refit" in record:
+        return tuple(record["refit"].get("avg_blend") or ())
+    sums = best.get("blend_sums")
+    if not plan.val or not sums:
+        return ()
+    lam = blend.fit(np.asarray(sums), len(assays))
+    log(f"{record['kind']}: AVG blend fitted on {len(plan.val)} validation tracks: "
+        f"{blend.describe(lam, assays)} (the weight of AVG in imputed tracks)")
+    return lam
+
+
 def _training_error(e: Exception, out: str) -> EdiceError:
     failures = getattr(e, "worker_failures", None) or {}
     for err in failures.values():
@@ -542,6 +563,7 @@ def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, as
     best = checkpoint.load_state(cands[-1]["path"])
     model = EDICE(ModelConfig.from_dict(best["config"]["model_config"]))
     model.load_state_dict(best["model"])
+    model.set_blend(_blend(record, plan, assays, best))
     history = m["history"]
     best_row = next(r for r in history if r["epoch"] == best_epoch)
     ids = st.track_ids()
@@ -574,6 +596,8 @@ def _finalise(out: str, record: dict, plan: TrackPlan, st: TrackStore, cells, as
         "restores": m.get("restores", []),
         "trained": _now(),
     }
+    if model.cfg.blend:
+        info["avg_blend"] = dict(zip(assays, model.cfg.blend, strict=True))
     if "refit" in record:
         # What the epoch count was chosen on; this run's own validation is in-sample.
         info["refit"] = {**record["refit"], "in_sample_val_mse": best_row["val_mse"]}

@@ -18,7 +18,7 @@ from .errors import InputError
 from .model import ModelConfig
 from .tracks import individuals_of
 
-VOCAB_FIELDS = ("n_cells", "n_assays", "cell_individuals")
+VOCAB_FIELDS = ("n_cells", "n_assays", "cell_individuals", "blend")
 """ModelConfig fields that the data decides, not the config."""
 NOUN = ("config key", "keys")
 """How messages name a training setting."""
@@ -45,7 +45,8 @@ RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
 # Keys added after model folders began recording their config, with the value that runs
 # recorded without them had: a folder from before a key was added still resumes.
 LATER_KEYS = {"refit": False, "mask_cells": 0.0, "individual_bias": False,
-              "same_assay": "none", "peak_weight": 0.0, "average_decay": 0.0}
+              "same_assay": "none", "peak_weight": 0.0, "average_decay": 0.0,
+              "avg_blend": False}
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TrainConfig(Architecture):
 
     # New models also read each support's means over windows of 9, 41 and 201 bins around
     # the bin (BENCHMARKS.md, Quality). The paper's model exactly: ``context=none
-    # same_assay=none peak_weight=0 average_decay=0``.
+    # same_assay=none peak_weight=0 average_decay=0 avg_blend=false``.
     context: tuple[int, ...] = (4, 20, 100)
     # New models also read the target assay's signal in the cells most like the target
     # cell straight into the output (:mod:`edice_dist.sameassay`; BENCHMARKS.md, Peaks and
@@ -81,6 +82,10 @@ class TrainConfig(Architecture):
     # term makes the weights swing between epochs, and the refit keeps its last one
     # unvalidated (:class:`edice_dist.trainloop.WeightAverage`; BENCHMARKS.md, Peaks).
     average_decay: float = 0.999
+    # When training ends, fit per assay a weight of AVG in the imputed output on the
+    # validation tracks, held-out pairs like imputation's targets (a refit takes its
+    # selection's; :mod:`edice_dist.blend`; BENCHMARKS.md, The AVG blend).
+    avg_blend: bool = True
     batch_size: int = 256  # bins per optimiser step over all workers
     lr: float = 3e-4
     epochs: int = 50

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import _faults, checkpoint, storage
+from . import _faults, blend, checkpoint, storage
 from .checkpoint import HISTORY_COLUMNS, METRICS, STATE
 from .errors import InputError
 from .metrics import PEAK_PVAL
@@ -134,8 +134,10 @@ def _initial_model(config: WorkerConfig, state: dict | None) -> EDICE:
         return model
     if config.base_model:
         base, _ = checkpoint.load_model(config.base_model, "cpu")
-        return extend_vocab(base, mcfg.n_cells, mcfg.n_assays, like=config.new_cell_like,
-                            individuals=mcfg.cell_individuals[base.cfg.n_cells:]).train()
+        model = extend_vocab(base, mcfg.n_cells, mcfg.n_assays, like=config.new_cell_like,
+                             individuals=mcfg.cell_individuals[base.cfg.n_cells:]).train()
+        model.set_blend(())  # fitted again when this run ends (:mod:`edice_dist.blend`)
+        return model
     init_seed(config.train.seed)
     return EDICE(mcfg)
 
@@ -328,12 +330,13 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                                   f"epoch {epoch}", whole_node=True)
         train_s = time.perf_counter() - t0
         scored = net if average is None else average.model
-        val = _validate(scored, xv, yv, w_avg, vin_cells, vin_assays, val_cells, val_assays,
-                        cfg.batch_size, device, cfg.precision)
+        val, bsums = _validate(scored, xv, yv, w_avg, vin_cells, vin_assays, val_cells,
+                               val_assays, cfg.batch_size, device, cfg.precision)
         agg = _all_reduce(torch.cat([val, torch.stack([loss_sum, torch.tensor(
-            float(steps), dtype=torch.float64, device=device)])]))
+            float(steps), dtype=torch.float64, device=device)]), bsums.flatten()]))
         metrics = _val_metrics(agg[:8])
         metrics["train_loss"] = float(agg[8] / max(agg[9], 1))
+        blend_sums = agg[10:].view(-1, 2).cpu().tolist()
         metrics["bins_per_s"] = steps * (cfg.batch_size // world) * world / max(train_s, 1e-9)
         metrics["seconds"] = time.perf_counter() - t0
         improved = config.keep_last or metrics["val_mse"] < best_mse - cfg.min_delta
@@ -346,7 +349,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
         history.append(row)
         report = {**row, "best_epoch": best_epoch if improved else 0, "stopped": int(stopped)}
         _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse,
-                stopped, report, seen, average)
+                stopped, report, seen, average, blend_sums)
         if rank == 0:
             _worker_log(_epoch_line(config.kind, epoch, cfg.epochs, metrics, improved))
             checkpoint.write_history(config.out, history)
@@ -410,14 +413,17 @@ def _restore(config: WorkerConfig, session) -> tuple[dict | None, str | None]:
 
 def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_cells,
               in_assays, val_cells, val_assays, batch: int, device,
-              precision: str = "auto") -> torch.Tensor:
+              precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over this worker's validation bins (float64, on ``device``): n, sum p, sum y,
-    sum p^2, sum y^2, sum p*y, squared error, AVG's squared error."""
+    sum p^2, sum y^2, sum p*y, squared error, AVG's squared error; and (V, 2) per
+    validation track, the sums that fit the AVG blend (:func:`edice_dist.blend.validation_sums`)."""
     sums = torch.zeros(8, dtype=torch.float64)
+    bsums = torch.zeros(len(val_cells), 2, dtype=torch.float64)
     net.eval()
     # AVG in torch, on the thread pool of the model: numpy's BLAS threads, woken once per
     # batch, spin on the same cores and made validation 2x slower.
     w64 = torch.from_numpy(w_avg).double()
+    has_avg = w64.sum(0) > 0
     # No gradients, so up to 4 training batches at once, as far as the attention's
     # activations allow: they grow with the cells squared (BENCHMARKS.md, issue 22).
     step = encode_batch_bins(net.cfg, len(in_cells), len(torch.unique(val_cells)),
@@ -436,8 +442,9 @@ def _validate(net: EDICE, xv: np.ndarray, yv: np.ndarray, w_avg: np.ndarray, in_
             sums += torch.stack([torch.tensor(float(p.numel()), dtype=torch.float64), p.sum(),
                                  y.sum(), (p * p).sum(), (y * y).sum(), (p * y).sum(),
                                  ((p - y) ** 2).sum(), ((avg - y) ** 2).sum()])
+            bsums += blend.validation_sums(p, y, avg, has_avg)
     net.train()
-    return sums.to(device)
+    return sums.to(device), bsums.to(device)
 
 
 def _val_metrics(s: torch.Tensor) -> dict:
@@ -460,7 +467,7 @@ def _cpu_weights(m: EDICE) -> dict:
 
 
 def _report(config, session, epoch, net, opt, history, restores, best_epoch, best_mse, stopped,
-            metrics, seen, average: WeightAverage | None = None):
+            metrics, seen, average: WeightAverage | None = None, blend_sums=None):
     """Report the epoch on every worker; rank 0 attaches the checkpoint's files.
 
     With a weight average, the checkpoint's ``model`` is the average (what validation
@@ -485,6 +492,7 @@ def _report(config, session, epoch, net, opt, history, restores, best_epoch, bes
         "assays": config.assays,
         "transform": config.transform,
         "seen": seen,
+        "blend_sums": blend_sums,
     }
     if average is not None:
         state[TRAIN_MODEL] = _cpu_weights(net)
