@@ -79,12 +79,13 @@ def _avg_numpy(x, sup, tc, ta, cell, assay):
     return np.where(n > 0, (x * keep).sum(1) / np.maximum(n, 1), np.nan)
 
 
-def test_imputation_mixes_avg_per_assay_and_training_never_does():
+@pytest.mark.parametrize("same_assay", ["attention", "none"])
+def test_imputation_mixes_avg_per_assay_and_training_never_does(same_assay):
     rng = np.random.default_rng(1)
     torch.manual_seed(0)
     cfg = ModelConfig(n_cells=4, n_assays=3, embed_dim=8, n_heads=2, ffn_dim=8,
                       decoder_hidden=16, decoder_dropout=0.0, attn_dropout=0.0,
-                      same_assay="attention")
+                      same_assay=same_assay)
     net = EDICE(cfg).eval()
     x, sup, tc, ta = _batch(rng)
     t_cells = np.repeat(np.arange(4), 3)
