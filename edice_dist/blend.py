@@ -20,8 +20,9 @@ the one validation track that small consortia hold out per assay, the weight of 
 went from -0.73 to 0.61 between two seeds, and the pooled one from 0.34 to 0.30. Imputation
 returns ``p + lambda (m - p)`` wherever another cell has the target's assay; training
 never applies it, so the weights learnt are the same with and without it. A refit, which
-has no held-out track left, takes the weight of its selection run. The weight is stored
-per assay (:attr:`ModelConfig.blend`): an assay added by fine-tuning gets none.
+has no held-out track left, takes the weight of its selection run; fine-tuning trains
+without it and fits its own. The weight is stored per assay (:attr:`ModelConfig.blend`):
+an assay added by :func:`~edice_dist.model.extend_vocab` gets none.
 """
 
 from __future__ import annotations
