@@ -21,7 +21,10 @@ from edice_dist.trainconfig import load_config
 
 TINY = {"embed_dim": "16", "n_heads": "2", "ffn_dim": "16", "decoder_hidden": "64",
         "batch_size": "64", "val_bins": "1000", "workers": "1", "cpus_per_worker": "1",
-        "seed": "3", "bins_per_epoch": "1024", "epochs": "2", "patience": "5"}
+        "seed": "3", "bins_per_epoch": "1024", "epochs": "2", "patience": "5",
+        # float32 as the checks below compute: a CPU with native bf16 (AVX512-BF16, AMX)
+        # would otherwise validate in bf16 and the stored sums differ by ~0.3 %.
+        "precision": "float32"}
 
 
 def _lstsq_weight(p, y, m) -> float:
@@ -110,7 +113,8 @@ def test_imputation_mixes_avg_per_assay_and_training_never_does(same_assay):
     full = np.ones_like(sup)
     with torch.no_grad():
         direct = net(torch.from_numpy(x), torch.from_numpy(full), *args[2:]).numpy()
-    fast = predict.predict_chunk(net, x, np.arange(x.shape[1]), tc, ta, t_cells, t_assays)
+    fast = predict.predict_chunk(net, x, np.arange(x.shape[1]), tc, ta, t_cells, t_assays,
+                                 dtype="float32")  # CPUs with native bf16 default to it
     np.testing.assert_allclose(fast.T, direct, rtol=1e-5, atol=1e-5)
     # Training never mixes: the weights learn the same with and without a blend.
     net.train()
@@ -128,9 +132,11 @@ def test_the_spread_shrinks_with_the_decoders_share_of_the_output():
     x, _, tc, ta = _batch(rng)
     t_cells, t_assays = np.array([3, 1, 2]), np.array([2, 1, 0])
     cols = np.arange(x.shape[1])
-    _, sd0 = predict.predict_chunk(net, x, cols, tc, ta, t_cells, t_assays, samples=8, seed=4)
+    _, sd0 = predict.predict_chunk(net, x, cols, tc, ta, t_cells, t_assays, samples=8, seed=4,
+                                   dtype="float32")
     net.set_blend((0.25, 0.5, 0.0))
-    _, sd1 = predict.predict_chunk(net, x, cols, tc, ta, t_cells, t_assays, samples=8, seed=4)
+    _, sd1 = predict.predict_chunk(net, x, cols, tc, ta, t_cells, t_assays, samples=8, seed=4,
+                                   dtype="float32")
     scale = 1 - np.array([0.0, 0.5, 0.25])[:, None]  # each target's assay weight
     np.testing.assert_allclose(sd1, sd0 * scale, rtol=1e-5, atol=1e-6)
 
