@@ -30,9 +30,14 @@ default before the same-assay skip and the peak term (refit included); ``noskip`
 BENCHMARKS.md, "Peaks and broad domains", without the weight average; ``noaverage`` is the
 default then without it, ``average`` with it (``average_decay=0.999``) and
 ``selection_average`` its selection run alone; ``mask0.1`` that default with
-``mask_cells=0.1``; ``noblend`` is the default without the AVG blend (``avg_blend``).
-Every variant measured before the blend existed pins ``avg_blend=false``, so that the
-commands in BENCHMARKS.md keep meaning what they measured.
+``mask_cells=0.1``; ``noblend`` is the default without the AVG blend (``avg_blend``);
+``domain250``, ``domain500`` and ``domain1000`` add a context window of that half-width
+(bins) to the default's (4, 20, 100), one that spans a broad domain; ``peakwin`` is the
+default with ``peak_by=window``, ``peakbin`` with ``peak_by=bin`` (the default),
+``peakassay`` with ``peak_mean=assays`` and ``nopeak`` without the peak term.
+Every variant measured before the blend existed pins ``avg_blend=false``, and every one
+with a peak term pins ``peak_by``, so that the commands in BENCHMARKS.md keep meaning what
+they measured.
 Prints per consortium and overall: the mean over held-out tracks of MSE, GWcorr, MSE on
 peaks (``mse_fg``), MSE on the truth's top 1 % (``mse1obs``), AUPRC, and the MSE of the
 broad marks, for every method; and on how many tracks each variant beats AVG.
@@ -66,7 +71,8 @@ VARIANTS = {
     "default": {},
     "before": {"same_assay": "none", "peak_weight": "0", "average_decay": "0",
                "avg_blend": "false"},
-    "default_peak0.1": {"peak_weight": "0.1", "average_decay": "0", "avg_blend": "false"},
+    "default_peak0.1": {"peak_weight": "0.1", "average_decay": "0", "avg_blend": "false",
+                        "peak_by": "bin"},
     "selection": {"refit": "false"},
     "paper": {"context": "none", "same_assay": "none", "peak_weight": "0", "refit": "false",
               "average_decay": "0", "avg_blend": "false"},
@@ -77,16 +83,22 @@ VARIANTS = {
     "attention": {"same_assay": "attention", "peak_weight": "0", "refit": "false",
                   "average_decay": "0", "avg_blend": "false"},
     "noskip_peak1": {"same_assay": "none", "peak_weight": "1", "refit": "false",
-                     "average_decay": "0", "avg_blend": "false"},
+                     "average_decay": "0", "avg_blend": "false", "peak_by": "bin"},
     **{f"skip_peak{w}": {"same_assay": "attention", "peak_weight": w, "refit": "false",
-                         "average_decay": "0", "avg_blend": "false"}
+                         "average_decay": "0", "avg_blend": "false", "peak_by": "bin"}
        for w in ("0.1", "0.2", "0.3", "0.5", "1")},
-    "noaverage": {"average_decay": "0", "avg_blend": "false"},
-    "average": {"average_decay": "0.999", "avg_blend": "false"},
+    "noaverage": {"average_decay": "0", "avg_blend": "false", "peak_by": "bin"},
+    "average": {"average_decay": "0.999", "avg_blend": "false", "peak_by": "bin"},
     "selection_average": {"average_decay": "0.999", "refit": "false",
-                          "avg_blend": "false"},
-    "mask0.1": {"mask_cells": "0.1", "avg_blend": "false"},
-    "noblend": {"avg_blend": "false"},
+                          "avg_blend": "false", "peak_by": "bin"},
+    "mask0.1": {"mask_cells": "0.1", "avg_blend": "false", "peak_by": "bin"},
+    "noblend": {"avg_blend": "false", "peak_by": "bin"},
+    **{f"domain{h}": {"context": f"4,20,100,{h}", "peak_by": "bin"}
+       for h in ("250", "500", "1000")},
+    "peakwin": {"peak_by": "window"},
+    "peakbin": {"peak_by": "bin"},
+    "peakassay": {"peak_mean": "assays"},
+    "nopeak": {"peak_weight": "0", "peak_by": "bin"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
 METRICS = ("mse", "gwcorr", "mse_fg", "mse1obs", "catch1obs", "auprc")

@@ -32,6 +32,7 @@ from .model import EDICE, ModelConfig, extend_vocab, init_seed
 from .predict import encode_batch_bins, resolve_dtype
 from .sameassay import SKIP_MAX_LR
 from .sampler import (
+    Batch,
     TrainSampler,
     avg_weights,
     read_validation,
@@ -184,20 +185,54 @@ PEAK_ARCSINH = math.asinh(PEAK_PVAL)
 """The peak threshold (-log10 p >= 2) in the model's arcsinh space."""
 
 
-def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float) -> torch.Tensor:
+def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
+                  level: torch.Tensor | None = None,
+                  groups: torch.Tensor | None = None) -> torch.Tensor:
     """MSE over every target bin, plus ``peak_weight`` times the MSE over the target bins in
-    peaks (``y >= PEAK_ARCSINH``; 0 when the batch has none).
+    peaks (``level >= PEAK_ARCSINH``; 0 when the batch has none).
 
     The field scores both (SPEC 4: MSE, and MSE on the peaks). Peaks are 1 to 5 % of the
     bins, so plain MSE lets a model flatten them to win on the background; the second term
     weighs them as one metric of their own, whatever their share in a consortium.
+
+    Parameters
+    ----------
+    pred, y : (B, K) predictions and observed values of the targets.
+    level : (B, K), optional
+        What decides a peak bin; ``y`` when not given. A bin chosen on its own noisy value
+        has, on average, noise above its expectation, so weighing it more pulls the
+        prediction above the expectation wherever that is uncertain; a window's mean
+        (``peak_by=window``) carries a ninth of the bin's noise.
+    groups : (B, K) long, optional
+        Each target's assay (``peak_mean=assays``): the peak term is then the mean over the
+        assays with peak bins in the batch of each one's peak MSE, as the field's mean
+        over tracks weighs a narrow mark's few peaks like a broad mark's many.
     """
     err = (pred - y).square()
     loss = err.mean()
     if peak_weight:
-        peak = (y >= PEAK_ARCSINH).to(err.dtype)
-        loss = loss + peak_weight * (err * peak).sum() / peak.sum().clamp(min=1)
+        peak = ((y if level is None else level) >= PEAK_ARCSINH).to(err.dtype)
+        if groups is None:
+            return loss + peak_weight * (err * peak).sum() / peak.sum().clamp(min=1)
+        n = int(groups.max()) + 1
+        cnt = torch.zeros(n, dtype=err.dtype, device=err.device).index_add_(
+            0, groups.flatten(), peak.flatten())
+        tot = torch.zeros(n, dtype=err.dtype, device=err.device).index_add_(
+            0, groups.flatten(), (err * peak).flatten())
+        has = cnt > 0
+        if has.any():
+            loss = loss + peak_weight * (tot[has] / cnt[has]).mean()
     return loss
+
+
+def peak_level(batch: Batch, peak_by: str) -> torch.Tensor | None:
+    """What decides the peak bins of :func:`training_loss` (B, K): None for ``bin`` (the
+    targets' own values); for ``window``, each target's mean over the smallest context
+    window, channel 1 of its column in ``batch.x`` (the inputs keep a target's values;
+    the model sees them masked)."""
+    if peak_by == "bin":
+        return None
+    return torch.gather(batch.x[..., 1], 1, batch.target)
 
 
 def param_groups(net: EDICE, lr: float) -> list[dict]:
@@ -313,7 +348,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
             with autocast_for(device, cfg.precision):
                 pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
                              in_assays[b.target])
-            loss = training_loss(pred.float(), b.y, cfg.peak_weight)
+            loss = training_loss(pred.float(), b.y, cfg.peak_weight, peak_level(b, cfg.peak_by),
+                                 in_assays[b.target] if cfg.peak_mean == "assays" else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p, n_old in masks.items():

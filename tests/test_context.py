@@ -80,6 +80,35 @@ def test_sampler_and_validation_carry_the_context(ctx_store):
     assert xv.shape == (200, len(cols), 3) and yv.shape == (200, 1)
 
 
+def test_peak_by_window_takes_each_target_s_own_window_mean(ctx_store):
+    """``peak_by=window`` decides a target's peak from its own track's mean over the
+    smallest window (numpy, from the store's values), not from the bin or another column."""
+    from edice_dist.trainloop import peak_level, training_loss
+
+    st, truth = ctx_store
+    cols = st.split_indices("train")
+    ctx = (4, 20)
+    stacked = np.concatenate([truth[c][:, cols] for c in st.genome.chroms])
+    means = np.concatenate([np.stack([naive_means(truth[c][:, j], 4) for j in cols], 1)
+                            for c in st.genome.chroms])
+    s = TrainSampler(st, cols, 2, 32, seed=3, bins_per_epoch=320, block_bins=256, context=ctx)
+    for b in s.batches(0):
+        assert peak_level(b, "bin") is None
+        level = peak_level(b, "window").numpy()
+        x, tgt = b.x.numpy(), b.target.numpy()
+        for r in range(8):
+            k = np.flatnonzero(np.all(np.isclose(stacked, x[r, :, 0]), axis=1))[0]
+            np.testing.assert_allclose(level[r], means[k, tgt[r]], rtol=1e-5)
+        # The loss counts as peaks the bins whose window mean reaches the threshold.
+        pred, y = torch.zeros_like(b.y), b.y
+        thr = np.arcsinh(2.0)
+        lv = np.where(np.arange(level.size).reshape(level.shape) % 3 == 0, thr + 1.0, 0.0)
+        err = y.numpy() ** 2
+        got = training_loss(pred, y, 2.0, torch.from_numpy(lv.astype(np.float32)))
+        np.testing.assert_allclose(float(got), err.mean() + 2.0 * err[lv >= thr].mean(),
+                                   rtol=1e-5)
+
+
 def test_model_with_context_embeds_every_channel():
     """Channel c of a (cell, assay) input feeds the embedder's column assay * C + c, and
     predict_chunk equals the model on the same features."""

@@ -71,6 +71,7 @@ def test_config_file_and_overrides(tmp_path):
     ({"peak_weight": "-1"}, "peak_weight must be >= 0"),
     ({"average_decay": "1"}, r"average_decay must be in \[0, 1\), got 1.0"),
     ({"same_assay": "knn"}, "same_assay must be one of none, mean, attention"),
+    ({"context": "none", "peak_by": "window"}, "peak_by=window needs a context window"),
 ])
 def test_bad_config_is_a_clear_error(over, match):
     with pytest.raises(InputError, match=match):
@@ -91,6 +92,26 @@ def test_training_loss_adds_the_mse_on_peak_bins():
     flat = np.zeros_like(y)  # no peak in the batch: plain MSE, no division by zero
     got = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(flat), 3.0)
     np.testing.assert_allclose(float(got), np.mean(pred**2), rtol=1e-5)
+
+
+def test_peak_term_per_assay_is_the_mean_of_each_assay_s_peak_mse():
+    """``peak_mean=assays``: numpy's mean over assays of each one's peak MSE; an assay with
+    no peak bin in the batch does not count (not as a zero)."""
+    rng = np.random.default_rng(1)
+    y = np.arcsinh(rng.gamma(0.5, 3.0, (64, 9))).astype(np.float32)
+    pred = y + rng.normal(0, 0.5, y.shape).astype(np.float32)
+    groups = rng.integers(0, 4, y.shape)
+    y[groups == 3] = 0.0  # assay 3: no peak bin
+    peak = y >= np.arcsinh(2.0)
+    err = (pred - y) ** 2
+    per = [err[(groups == a) & peak].mean() for a in range(3)]
+    assert all((groups == a).any() for a in range(4)) and np.ptp(per) > 0.01
+    got = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 2.0,
+                                  groups=torch.from_numpy(groups))
+    np.testing.assert_allclose(float(got), err.mean() + 2.0 * np.mean(per), rtol=1e-5)
+    # It differs from the mean over all peak bins whenever assays have unequal shares.
+    pooled = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 2.0)
+    assert abs(float(pooled) - float(got)) > 1e-3
 
 
 def test_bad_config_file(tmp_path):
