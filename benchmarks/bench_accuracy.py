@@ -34,7 +34,8 @@ default then without it, ``average`` with it (``average_decay=0.999``) and
 ``domain250``, ``domain500`` and ``domain1000`` add a context window of that half-width
 (bins) to the default's (4, 20, 100), one that spans a broad domain; ``peakwin`` is the
 default with ``peak_by=window``, ``peakbin`` with ``peak_by=bin`` (the default),
-``peakassay`` with ``peak_mean=assays`` and ``nopeak`` without the peak term.
+``peakassay`` with ``peak_mean=assays``, ``peakwinassay`` with both and ``nopeak`` without
+the peak term.
 Every variant measured before the blend existed pins ``avg_blend=false``, and every one
 with a peak term pins ``peak_by``, so that the commands in BENCHMARKS.md keep meaning what
 they measured.
@@ -98,6 +99,7 @@ VARIANTS = {
     "peakwin": {"peak_by": "window"},
     "peakbin": {"peak_by": "bin"},
     "peakassay": {"peak_mean": "assays"},
+    "peakwinassay": {"peak_by": "window", "peak_mean": "assays"},
     "nopeak": {"peak_weight": "0", "peak_by": "bin"},
 }
 BROAD = ("H3K9me3", "H3K27me3")
