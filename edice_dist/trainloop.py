@@ -186,8 +186,8 @@ PEAK_ARCSINH = math.asinh(PEAK_PVAL)
 
 
 def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
-                  level: torch.Tensor | None = None,
-                  groups: torch.Tensor | None = None) -> torch.Tensor:
+                  level: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+                  n_groups: int | None = None) -> torch.Tensor:
     """MSE over every target bin, plus ``peak_weight`` times the MSE over the target bins in
     peaks (``level >= PEAK_ARCSINH``; 0 when the batch has none).
 
@@ -207,6 +207,9 @@ def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
         Each target's assay (``peak_mean=assays``): the peak term is then the mean over the
         assays with peak bins in the batch of each one's peak MSE, as the field's mean
         over tracks weighs a narrow mark's few peaks like a broad mark's many.
+    n_groups : int, optional
+        More than the largest group id (read from ``groups`` when not given, which waits
+        for a GPU).
     """
     err = (pred - y).square()
     loss = err.mean()
@@ -214,7 +217,7 @@ def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
         peak = ((y if level is None else level) >= PEAK_ARCSINH).to(err.dtype)
         if groups is None:
             return loss + peak_weight * (err * peak).sum() / peak.sum().clamp(min=1)
-        n = int(groups.max()) + 1
+        n = int(groups.max()) + 1 if n_groups is None else n_groups
         cnt = torch.zeros(n, dtype=err.dtype, device=err.device).index_add_(
             0, groups.flatten(), peak.flatten())
         tot = torch.zeros(n, dtype=err.dtype, device=err.device).index_add_(
@@ -348,8 +351,10 @@ def train_loop(config: WorkerConfig, session=None) -> None:
             with autocast_for(device, cfg.precision):
                 pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
                              in_assays[b.target])
-            loss = training_loss(pred.float(), b.y, cfg.peak_weight, peak_level(b, cfg.peak_by),
-                                 in_assays[b.target] if cfg.peak_mean == "assays" else None)
+            loss = training_loss(pred.float(), b.y, cfg.peak_weight,
+                                 peak_level(b, cfg.peak_by) if cfg.peak_weight else None,
+                                 in_assays[b.target] if cfg.peak_mean == "assays" else None,
+                                 config.model.n_assays)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p, n_old in masks.items():

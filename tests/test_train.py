@@ -109,6 +109,9 @@ def test_peak_term_per_assay_is_the_mean_of_each_assay_s_peak_mse():
     got = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 2.0,
                                   groups=torch.from_numpy(groups))
     np.testing.assert_allclose(float(got), err.mean() + 2.0 * np.mean(per), rtol=1e-5)
+    sized = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 2.0,
+                                    groups=torch.from_numpy(groups), n_groups=7)
+    assert float(sized) == pytest.approx(float(got), rel=1e-6)
     # It differs from the mean over all peak bins whenever assays have unequal shares.
     pooled = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 2.0)
     assert abs(float(pooled) - float(got)) > 1e-3
