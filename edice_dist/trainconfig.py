@@ -78,8 +78,8 @@ class TrainConfig(Architecture):
     # Peaks and broad domains).
     peak_weight: float = 0.1
     # Which target bins the peak term counts: ``bin``, those whose own value is a peak;
-    # ``window``, those whose mean over the smallest context window (9 bins) is (needs a
-    # context). A bin chosen on its own noisy value pulls a broad mark's level up;
+    # ``window``, those whose mean over the smallest context window (9 bins by default) is
+    # (needs a context). A bin chosen on its own noisy value pulls a broad mark's level up;
     # ``window`` takes less of that and less of the peaks (BENCHMARKS.md, Peaks chosen by
     # window).
     peak_by: Literal["bin", "window"] = "bin"
