@@ -33,8 +33,9 @@ default then without it, ``average`` with it (``average_decay=0.999``) and
 ``mask_cells=0.1``; ``noblend`` is the default without the AVG blend (``avg_blend``);
 ``domain500`` adds a context window of half-width 500 bins (25 kb, a broad domain) to
 the default's (4, 20, 100); ``peakwin`` is the default with ``peak_by=window``,
-``peakassay`` with ``peak_mean=assays``, ``peakwinassay`` with both and ``nopeak`` without
-the peak term.
+``peakboth`` with ``peak_by=both``, ``peakwin500`` with ``peak_by=window`` and the
+half-width 500 window, ``peakto`` with ``peak_target=window``, ``peakassay`` with
+``peak_mean=assays``, ``peakwinassay`` with both and ``nopeak`` without the peak term.
 Every variant measured before the blend existed pins ``avg_blend=false``, and every one
 with a peak term pins ``peak_by``, so that the commands in BENCHMARKS.md keep meaning what
 they measured.
@@ -95,7 +96,10 @@ VARIANTS = {
     "noblend": {"avg_blend": "false", "peak_by": "bin"},
     "domain500": {"context": "4,20,100,500", "peak_by": "bin"},
     "peakwin": {"peak_by": "window"},
-    "peakassay": {"peak_mean": "assays"},
+    "peakboth": {"peak_by": "both"},
+    "peakwin500": {"peak_by": "window", "context": "4,20,100,500"},
+    "peakto": {"peak_by": "bin", "peak_target": "window"},
+    "peakassay": {"peak_by": "bin", "peak_mean": "assays"},
     "peakwinassay": {"peak_by": "window", "peak_mean": "assays"},
     "nopeak": {"peak_weight": "0", "peak_by": "bin"},
 }

@@ -13,6 +13,8 @@ is the paper's model size; ``small`` the accuracy benchmarks' (embed_dim 64, dec
 512, 30 targets). ``--peak-weight`` applies the peak-weighted loss to B, ``--b-average``
 B's moving average of the weights (``average_decay``) after each of its steps;
 ``--b-blend`` gives B's imputation an AVG blend of weight W (``avg_blend``).
+``--a``/``--b`` take model settings, ``context=4,20,100,500`` among them (each model
+then gets as many input channels as its context asks).
 """
 
 from __future__ import annotations
@@ -42,13 +44,19 @@ def parse(kvs: list[str]) -> dict:
     out = {}
     for kv in kvs:
         k, v = kv.split("=", 1)
-        out[k] = int(v) if v.isdigit() else v
+        out[k] = (tuple(int(h) for h in v.split(",")) if k == "context"
+                  else int(v) if v.isdigit() else v)
     return out
+
+
+def channels(x: torch.Tensor, model: EDICE) -> torch.Tensor:
+    """``x`` with the model's context channels (any values do for timing)."""
+    return torch.stack([x * (1 - 0.1 * c) for c in range(model.cfg.n_channels)], dim=-1)
 
 
 def make(size: str, over: dict):
     torch.manual_seed(0)
-    model = EDICE(ModelConfig(N_CELLS, N_ASSAYS, context=CONTEXT, **SIZES[size], **over))
+    model = EDICE(ModelConfig(N_CELLS, N_ASSAYS, **{"context": CONTEXT, **SIZES[size], **over}))
     return model.train(), torch.optim.Adam(model.parameters(), lr=3e-4)
 
 
@@ -58,8 +66,7 @@ def predict_ab(a) -> int:
     from edice_dist.predict import predict_chunk, prepare
 
     x, _, tc, ta, _, _ = paper_batch()
-    xc = torch.stack([x, x * 0.9, x * 0.8, x * 0.7], dim=-1)
-    xc = xc.repeat(-(-a.bins // BATCH), 1, 1)[: a.bins].numpy()
+    xr = x.repeat(-(-a.bins // BATCH), 1)[: a.bins]
     rng = np.random.default_rng(1)
     pairs = rng.choice(N_CELLS * N_ASSAYS, size=a.predict, replace=False)
     kc, ka = pairs // N_ASSAYS, pairs % N_ASSAYS
@@ -67,10 +74,12 @@ def predict_ab(a) -> int:
     if a.b_blend:
         models["B"].set_blend((a.b_blend,) * N_ASSAYS)
     preds = {n: prepare(m) for n, m in models.items()}
+    xcs = {n: channels(xr, m).numpy() for n, m in models.items()}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(a.steps + 1):
         for n, p in preds.items():
             t = time.perf_counter()
+            xc = xcs[n]
             predict_chunk(p, xc, np.arange(xc.shape[1]), tc.numpy(), ta.numpy(), kc, ka,
                           batch_bins=a.a_batch_bins if n == "A" else None)
             if i:
@@ -116,18 +125,17 @@ def main(argv=None) -> int:
     k = TARGETS[a.size]
     target, y = target[:, :k], y[:, :k]
     support = torch.ones_like(support).scatter_(1, target, False)
-    # The context channels: any values do for timing.
-    xc = torch.stack([x, x * 0.9, x * 0.8, x * 0.7], dim=-1)
     runs = {"A": (*make(a.size, parse(a.a)), 0.0),
             "B": (*make(a.size, parse(a.b)), a.peak_weight)}
     if a.a_skip_kept:
         runs["A"][0].same_assay_skip.recompute = False
+    xcs = {n: channels(x, r[0]) for n, r in runs.items()}
     averages = {"B": WeightAverage(runs["B"][0], a.b_average)} if a.b_average else {}
     times: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(a.steps + 1):
         for name, (model, opt, pw) in runs.items():
             t = time.perf_counter()
-            pred = model(xc, support, tc, ta, tc[target], ta[target])
+            pred = model(xcs[name], support, tc, ta, tc[target], ta[target])
             loss = training_loss(pred.float(), y, pw)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -46,7 +46,8 @@ RESUMABLE = frozenset({"epochs", "patience", "min_delta", "workers", "use_gpu",
 # recorded without them had: a folder from before a key was added still resumes.
 LATER_KEYS = {"refit": False, "mask_cells": 0.0, "individual_bias": False,
               "same_assay": "none", "peak_weight": 0.0, "average_decay": 0.0,
-              "avg_blend": False, "peak_by": "bin", "peak_mean": "bins"}
+              "avg_blend": False, "peak_by": "bin", "peak_mean": "bins",
+              "peak_target": "bin"}
 
 
 @dataclass
@@ -79,13 +80,19 @@ class TrainConfig(Architecture):
     peak_weight: float = 0.1
     # Which target bins the peak term counts: ``bin``, those whose own value is a peak;
     # ``window``, those whose mean over the smallest context window (9 bins by default) is
-    # (needs a context). A bin chosen on its own noisy value pulls a broad mark's level up;
-    # ``window`` takes less of that and less of the peaks (BENCHMARKS.md, Peaks chosen by
-    # window).
-    peak_by: Literal["bin", "window"] = "bin"
+    # (needs a context); ``both``, those where both are. A bin chosen on its own noisy value
+    # pulls a broad mark's level up; ``window`` takes less of that and less of the peaks,
+    # ``both`` as much as ``bin`` (BENCHMARKS.md, Peaks chosen by window; Three more peak
+    # rules).
+    peak_by: Literal["bin", "window", "both"] = "bin"
     # The peak term's mean: over the batch's peak bins (``bins``), or over assays of each
     # one's peak MSE (``assays``; broad marks have many peak bins, narrow ones few).
     peak_mean: Literal["bins", "assays"] = "bins"
+    # What the peak term pulls a peak bin towards: its own value (``bin``), or its mean
+    # over the smallest context window (``window``; needs a context), the local signal
+    # without the noise that made the bin a peak; on real tracks, whose peaks are sharper
+    # than the window, that costs the peaks most (BENCHMARKS.md, Three more peak rules).
+    peak_target: Literal["bin", "window"] = "bin"
     # Validate, checkpoint and impute with an exponential moving average of the weights,
     # this much kept per optimiser step (0: the weights as trained, the paper's). The peak
     # term makes the weights swing between epochs, and the refit keeps its last one
@@ -133,9 +140,11 @@ class TrainConfig(Architecture):
                 raise InputError(f"Config key {k} must be in (0, 1), got {getattr(self, k)}.")
         if not self.peak_weight >= 0:
             raise InputError(f"Config key peak_weight must be >= 0, got {self.peak_weight}.")
-        if self.peak_weight and self.peak_by == "window" and not self.context:
-            raise InputError("Config key peak_by=window needs a context window and context "
-                             "is none: set peak_by=bin, or peak_weight=0, or give a context.")
+        for k in ("peak_by", "peak_target"):
+            if self.peak_weight and getattr(self, k) != "bin" and not self.context:
+                raise InputError(f"Config key {k}={getattr(self, k)} needs a context window "
+                                 f"and context is none: set {k}=bin, or peak_weight=0, or "
+                                 "give a context.")
         if not self.lr > 0:
             raise InputError(f"Config key lr must be positive, got {self.lr}.")
         if self.patience < 1 or self.min_delta < 0 or self.max_failures < -1:

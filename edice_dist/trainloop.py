@@ -187,7 +187,8 @@ PEAK_ARCSINH = math.asinh(PEAK_PVAL)
 
 def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
                   level: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-                  n_groups: int | None = None) -> torch.Tensor:
+                  n_groups: int | None = None,
+                  peak_to: torch.Tensor | None = None) -> torch.Tensor:
     """MSE over every target bin, plus ``peak_weight`` times the MSE over the target bins in
     peaks (``level >= PEAK_ARCSINH``; 0 when the batch has none).
 
@@ -210,10 +211,18 @@ def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
     n_groups : int, optional
         More than the largest group id (read from ``groups`` when not given, which waits
         for a GPU).
+    peak_to : (B, K), optional
+        What the peak term pulls the peak bins towards; ``y`` when not given. A bin chosen
+        because its own value is a peak has its noise up, and pulling it towards that
+        value lifts a broad mark's whole domain; towards its window's mean
+        (``peak_target=window``) it is pulled to the local signal, with a ninth of the
+        noise.
     """
     err = (pred - y).square()
     loss = err.mean()
     if peak_weight:
+        if peak_to is not None:
+            err = (pred - peak_to).square()
         peak = ((y if level is None else level) >= PEAK_ARCSINH).to(err.dtype)
         if groups is None:
             return loss + peak_weight * (err * peak).sum() / peak.sum().clamp(min=1)
@@ -229,14 +238,22 @@ def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
     return loss
 
 
+def window_mean(batch: Batch) -> torch.Tensor:
+    """Each target's mean over the smallest context window (B, K): channel 1 of its column
+    in ``batch.x`` (the inputs keep a target's values; the model sees them masked)."""
+    return torch.gather(batch.x[..., 1], 1, batch.target)
+
+
 def peak_level(batch: Batch, peak_by: str) -> torch.Tensor | None:
     """What decides the peak bins of :func:`training_loss` (B, K): None for ``bin`` (the
-    targets' own values); for ``window``, each target's mean over the smallest context
-    window, channel 1 of its column in ``batch.x`` (the inputs keep a target's values;
-    the model sees them masked)."""
+    targets' own values); for ``window``, each target's :func:`window_mean`; for
+    ``both``, the smaller of the two, so that a bin counts when its own value and its
+    window's mean are peaks: a lone noisy bin in a broad domain below the threshold does
+    not."""
     if peak_by == "bin":
         return None
-    return torch.gather(batch.x[..., 1], 1, batch.target)
+    window = window_mean(batch)
+    return window if peak_by == "window" else torch.minimum(window, batch.y)
 
 
 def param_groups(net: EDICE, lr: float) -> list[dict]:
@@ -355,7 +372,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
             loss = training_loss(pred.float(), b.y, cfg.peak_weight,
                                  peak_level(b, cfg.peak_by) if cfg.peak_weight else None,
                                  in_assays[b.target] if cfg.peak_mean == "assays" else None,
-                                 config.model.n_assays)
+                                 config.model.n_assays,
+                                 window_mean(b) if cfg.peak_target == "window" else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p, n_old in masks.items():

@@ -72,6 +72,9 @@ def test_config_file_and_overrides(tmp_path):
     ({"average_decay": "1"}, r"average_decay must be in \[0, 1\), got 1.0"),
     ({"same_assay": "knn"}, "same_assay must be one of none, mean, attention"),
     ({"context": "none", "peak_by": "window"}, "peak_by=window needs a context window"),
+    ({"context": "none", "peak_by": "both"}, "peak_by=both needs a context window"),
+    ({"peak_by": "peaks"}, "peak_by must be one of bin, window, both"),
+    ({"context": "none", "peak_target": "window"}, "peak_target=window needs a context"),
 ])
 def test_bad_config_is_a_clear_error(over, match):
     with pytest.raises(InputError, match=match):
@@ -92,6 +95,24 @@ def test_training_loss_adds_the_mse_on_peak_bins():
     flat = np.zeros_like(y)  # no peak in the batch: plain MSE, no division by zero
     got = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(flat), 3.0)
     np.testing.assert_allclose(float(got), np.mean(pred**2), rtol=1e-5)
+
+
+def test_peak_term_towards_the_window_mean_keeps_the_bins_and_the_mse():
+    """``peak_target=window``: the peak bins are still those whose own value is a peak,
+    the MSE term still compares with the bin, and only the peak term compares with the
+    window's mean (numpy)."""
+    rng = np.random.default_rng(2)
+    y = np.arcsinh(rng.gamma(0.5, 3.0, (64, 9))).astype(np.float32)
+    pred = y + rng.normal(0, 0.5, y.shape).astype(np.float32)
+    smooth = y + rng.normal(0, 0.3, y.shape).astype(np.float32)
+    peak = y >= np.arcsinh(2.0)
+    assert peak.any() and (~peak).any()
+    expect = np.mean((pred - y) ** 2) + 3.0 * np.mean(((pred - smooth) ** 2)[peak])
+    got = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 3.0,
+                                  peak_to=torch.from_numpy(smooth))
+    np.testing.assert_allclose(float(got), expect, rtol=1e-5)
+    assert abs(float(got) - float(trainloop.training_loss(
+        torch.from_numpy(pred), torch.from_numpy(y), 3.0))) > 1e-3
 
 
 def test_peak_term_per_assay_is_the_mean_of_each_assay_s_peak_mse():
