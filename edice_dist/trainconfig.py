@@ -91,8 +91,9 @@ class TrainConfig(Architecture):
     # What the peak term pulls a peak bin towards: its own value (``bin``), or its mean
     # over the smallest context window (``window``; needs a context), the local signal
     # without the noise that made the bin a peak; on real tracks, whose peaks are sharper
-    # than the window, that costs the peaks most (BENCHMARKS.md, Three more peak rules).
-    peak_target: Literal["bin", "window"] = "bin"
+    # than the window, that costs the peaks most (BENCHMARKS.md, Three more peak rules);
+    # ``lift``, up to that mean but never down.
+    peak_target: Literal["bin", "window", "lift"] = "bin"
     # Validate, checkpoint and impute with an exponential moving average of the weights,
     # this much kept per optimiser step (0: the weights as trained, the paper's). The peak
     # term makes the weights swing between epochs, and the refit keeps its last one

@@ -187,8 +187,8 @@ PEAK_ARCSINH = math.asinh(PEAK_PVAL)
 
 def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
                   level: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-                  n_groups: int | None = None,
-                  peak_to: torch.Tensor | None = None) -> torch.Tensor:
+                  n_groups: int | None = None, peak_to: torch.Tensor | None = None,
+                  lift_only: bool = False) -> torch.Tensor:
     """MSE over every target bin, plus ``peak_weight`` times the MSE over the target bins in
     peaks (``level >= PEAK_ARCSINH``; 0 when the batch has none).
 
@@ -217,12 +217,16 @@ def training_loss(pred: torch.Tensor, y: torch.Tensor, peak_weight: float,
         value lifts a broad mark's whole domain; towards its window's mean
         (``peak_target=window``) it is pulled to the local signal, with a ninth of the
         noise.
+    lift_only : bool
+        The peak term only lifts a peak bin up to ``peak_to``, never pulls it down
+        (``peak_target=lift``): a real peak's summit stands above its window's mean.
     """
     err = (pred - y).square()
     loss = err.mean()
     if peak_weight:
         if peak_to is not None:
-            err = (pred - peak_to).square()
+            gap = peak_to - pred
+            err = (gap.clamp(min=0) if lift_only else gap).square()
         peak = ((y if level is None else level) >= PEAK_ARCSINH).to(err.dtype)
         if groups is None:
             return loss + peak_weight * (err * peak).sum() / peak.sum().clamp(min=1)
@@ -373,7 +377,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                                  peak_level(b, cfg.peak_by) if cfg.peak_weight else None,
                                  in_assays[b.target] if cfg.peak_mean == "assays" else None,
                                  config.model.n_assays,
-                                 window_mean(b) if cfg.peak_target == "window" else None)
+                                 None if cfg.peak_target == "bin" else window_mean(b),
+                                 cfg.peak_target == "lift")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p, n_old in masks.items():

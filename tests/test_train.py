@@ -75,6 +75,7 @@ def test_config_file_and_overrides(tmp_path):
     ({"context": "none", "peak_by": "both"}, "peak_by=both needs a context window"),
     ({"peak_by": "peaks"}, "peak_by must be one of bin, window, both"),
     ({"context": "none", "peak_target": "window"}, "peak_target=window needs a context"),
+    ({"context": "none", "peak_target": "lift"}, "peak_target=lift needs a context"),
 ])
 def test_bad_config_is_a_clear_error(over, match):
     with pytest.raises(InputError, match=match):
@@ -100,7 +101,7 @@ def test_training_loss_adds_the_mse_on_peak_bins():
 def test_peak_term_towards_the_window_mean_keeps_the_bins_and_the_mse():
     """``peak_target=window``: the peak bins are still those whose own value is a peak,
     the MSE term still compares with the bin, and only the peak term compares with the
-    window's mean (numpy)."""
+    window's mean (numpy); ``lift`` counts only the shortfall below that mean."""
     rng = np.random.default_rng(2)
     y = np.arcsinh(rng.gamma(0.5, 3.0, (64, 9))).astype(np.float32)
     pred = y + rng.normal(0, 0.5, y.shape).astype(np.float32)
@@ -113,6 +114,13 @@ def test_peak_term_towards_the_window_mean_keeps_the_bins_and_the_mse():
     np.testing.assert_allclose(float(got), expect, rtol=1e-5)
     assert abs(float(got) - float(trainloop.training_loss(
         torch.from_numpy(pred), torch.from_numpy(y), 3.0))) > 1e-3
+    # ``peak_target=lift``: only the peak bins predicted below their window's mean count.
+    up = np.maximum(smooth - pred, 0.0) ** 2
+    assert (smooth > pred)[peak].any() and (smooth < pred)[peak].any()
+    lift = trainloop.training_loss(torch.from_numpy(pred), torch.from_numpy(y), 3.0,
+                                   peak_to=torch.from_numpy(smooth), lift_only=True)
+    np.testing.assert_allclose(float(lift), np.mean((pred - y) ** 2) + 3.0 * up[peak].mean(),
+                               rtol=1e-5)
 
 
 def test_peak_term_per_assay_is_the_mean_of_each_assay_s_peak_mse():
