@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_train import BATCH, N_ASSAYS, N_CELLS, paper_batch  # noqa: E402
 
+from edice_dist.config import convert  # noqa: E402
 from edice_dist.model import EDICE, ModelConfig  # noqa: E402
 from edice_dist.trainloop import WeightAverage, training_loss  # noqa: E402
 
@@ -44,7 +45,7 @@ def parse(kvs: list[str]) -> dict:
     out = {}
     for kv in kvs:
         k, v = kv.split("=", 1)
-        out[k] = (tuple(int(h) for h in v.split(",")) if k == "context"
+        out[k] = (convert(v, tuple[int, ...], k, "--a/--b") if k == "context"
                   else int(v) if v.isdigit() else v)
     return out
 

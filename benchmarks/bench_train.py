@@ -116,6 +116,7 @@ def sampler_part(threads: int, context: str = "none") -> dict:
     import zarr
 
     from edice_dist import storage, store
+    from edice_dist.config import convert
     from edice_dist.genome import Genome
     from edice_dist.sampler import TrainSampler
     from edice_dist.tracks import Track
@@ -132,7 +133,7 @@ def sampler_part(threads: int, context: str = "none") -> dict:
             arr[s:s + chunk] = np.arcsinh(rng.gamma(0.5, 3.0, (chunk, N_TRACKS))).astype(np.float16)
         store.mark_complete(path)
         st = store.open_store(path)
-        ctx = () if context == "none" else tuple(int(h) for h in context.split(","))
+        ctx = convert(context, tuple[int, ...], "context", "--sampler-context")
         sampler = TrainSampler(st, np.arange(N_TRACKS), N_TARGETS, BATCH, seed=0, context=ctx)
         t = time.perf_counter()
         n = sum(b.x.shape[0] for b in sampler.batches(0))

@@ -377,7 +377,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                                  peak_level(b, cfg.peak_by) if cfg.peak_weight else None,
                                  in_assays[b.target] if cfg.peak_mean == "assays" else None,
                                  config.model.n_assays,
-                                 None if cfg.peak_target == "bin" else window_mean(b),
+                                 window_mean(b) if cfg.peak_weight
+                                 and cfg.peak_target != "bin" else None,
                                  cfg.peak_target == "lift")
             opt.zero_grad(set_to_none=True)
             loss.backward()
