@@ -33,7 +33,8 @@ default then without it, ``average`` with it (``average_decay=0.999``) and
 ``mask_cells=0.1``; ``noblend`` is the default without the AVG blend (``avg_blend``);
 ``domain500`` adds a context window of half-width 500 bins (25 kb, a broad domain) to
 the default's (4, 20, 100); ``peakwin`` is the default with ``peak_by=window``,
-``peakboth`` with ``peak_by=both``, ``peakwin500`` with ``peak_by=window`` and the
+``peakboth`` with ``peak_by=both``, ``peakeither`` with ``peak_by=either`` (the default
+since it was measured), ``peakbin`` with ``peak_by=bin`` (the default before), ``peakwin500`` with ``peak_by=window`` and the
 half-width 500 window, ``peakto`` with ``peak_target=window``, ``peaklift`` with
 ``peak_target=lift``, ``peakassay`` with ``peak_mean=assays``, ``peakwinassay`` with
 both and ``nopeak`` without the peak term.
@@ -98,6 +99,8 @@ VARIANTS = {
     "domain500": {"context": "4,20,100,500", "peak_by": "bin"},
     "peakwin": {"peak_by": "window"},
     "peakboth": {"peak_by": "both"},
+    "peakeither": {"peak_by": "either"},
+    "peakbin": {"peak_by": "bin"},
     "peakwin500": {"peak_by": "window", "context": "4,20,100,500"},
     "peakto": {"peak_by": "bin", "peak_target": "window"},
     "peaklift": {"peak_by": "bin", "peak_target": "lift"},

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step_ab.py [--size paper|small] [--steps 15] \\
         [--a KEY=VALUE ...] [--b KEY=VALUE ...] [--threads 1] [--peak-weight W]
-        [--a-skip-kept] [--b-average DECAY]
+        [--peak-by A_RULE B_RULE] [--a-skip-kept] [--b-average DECAY]
         [--predict K [--bins N] [--a-batch-bins N] [--b-blend W]]
 
 Both models train on the same Roadmap-shaped batch (127 cell types x 24 assays, 1,014
@@ -10,7 +10,8 @@ observed tracks, 120 targets per bin, 256 bins, with the default local-context c
 with forward, backward and Adam; their steps alternate A, B, A, B, ... so that a shared
 or noisy machine slows both alike, and the ratio of the medians is reported. ``paper``
 is the paper's model size; ``small`` the accuracy benchmarks' (embed_dim 64, decoder
-512, 30 targets). ``--peak-weight`` applies the peak-weighted loss to B, ``--b-average``
+512, 30 targets). ``--peak-weight`` applies the peak-weighted loss to B (to both with
+``--peak-by``, which gives each its ``peak_by`` rule), ``--b-average``
 B's moving average of the weights (``average_decay``) after each of its steps;
 ``--b-blend`` gives B's imputation an AVG blend of weight W (``avg_blend``).
 ``--a``/``--b`` take model settings, ``context=4,20,100,500`` among them (each model
@@ -23,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from bench_train import BATCH, N_ASSAYS, N_CELLS, paper_batch  # noqa: E402
 
 from edice_dist.config import convert  # noqa: E402
 from edice_dist.model import EDICE, ModelConfig  # noqa: E402
-from edice_dist.trainloop import WeightAverage, training_loss  # noqa: E402
+from edice_dist.trainloop import WeightAverage, peak_level, training_loss  # noqa: E402
 
 SIZES = {"paper": {}, "small": {"embed_dim": 64, "decoder_hidden": 512}}
 TARGETS = {"paper": 120, "small": 30}
@@ -106,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--a", nargs="*", default=[])
     ap.add_argument("--b", nargs="*", default=["same_assay=attention"])
     ap.add_argument("--peak-weight", type=float, default=0.0)
+    ap.add_argument("--peak-by", nargs=2, metavar=("A_RULE", "B_RULE"),
+                    choices=("bin", "window", "both", "either"),
+                    help="both models take the peak term, each with its rule")
     ap.add_argument("--predict", type=int, metavar="K", default=0,
                     help="time imputation instead: K targets over --bins bins per step")
     ap.add_argument("--bins", type=int, default=2048, help="bins per imputed chunk")
@@ -126,7 +131,8 @@ def main(argv=None) -> int:
     k = TARGETS[a.size]
     target, y = target[:, :k], y[:, :k]
     support = torch.ones_like(support).scatter_(1, target, False)
-    runs = {"A": (*make(a.size, parse(a.a)), 0.0),
+    rules = dict(zip("AB", a.peak_by or ("bin", "bin"), strict=True))
+    runs = {"A": (*make(a.size, parse(a.a)), a.peak_weight if a.peak_by else 0.0),
             "B": (*make(a.size, parse(a.b)), a.peak_weight)}
     if a.a_skip_kept:
         runs["A"][0].same_assay_skip.recompute = False
@@ -137,7 +143,11 @@ def main(argv=None) -> int:
         for name, (model, opt, pw) in runs.items():
             t = time.perf_counter()
             pred = model(xcs[name], support, tc, ta, tc[target], ta[target])
-            loss = training_loss(pred.float(), y, pw)
+            # The rule's level, as the training loop takes it (SimpleNamespace: a Batch's
+            # three fields that peak_level reads).
+            level = peak_level(SimpleNamespace(x=xcs[name], target=target, y=y),
+                               rules[name]) if pw else None
+            loss = training_loss(pred.float(), y, pw, level)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -149,6 +159,7 @@ def main(argv=None) -> int:
     print(f"# bench_step_ab: size {a.size}, {a.threads} thread(s), {a.steps} steps each, "
           f"{BATCH} bins x {k} targets; A {parse(a.a) or 'default'}, B {parse(a.b)}"
           + (f", peak_weight {a.peak_weight}" if a.peak_weight else "")
+          + (f", peak_by A {rules['A']}, B {rules['B']}" if a.peak_by else "")
           + (", A keeps the skip's activations" if a.a_skip_kept else "")
           + (f", B averages its weights ({a.b_average})" if a.b_average else ""))
     for n in ("A", "B"):

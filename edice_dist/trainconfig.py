@@ -78,13 +78,15 @@ class TrainConfig(Architecture):
     # alone lets a model flatten the rare peaks to win on the background (BENCHMARKS.md,
     # Peaks and broad domains).
     peak_weight: float = 0.1
-    # Which target bins the peak term counts: ``bin``, those whose own value is a peak;
-    # ``window``, those whose mean over the smallest context window (9 bins by default) is
-    # (needs a context); ``both``, those where both are. A bin chosen on its own noisy value
-    # pulls a broad mark's level up; ``window`` takes less of that and less of the peaks,
-    # ``both`` as much as ``bin`` (BENCHMARKS.md, Peaks chosen by window; Three more peak
-    # rules).
-    peak_by: Literal["bin", "window", "both"] = "bin"
+    # Which target bins the peak term counts: ``either``, those whose own value or whose
+    # mean over the smallest context window (9 bins by default) is a peak; ``bin``, those
+    # whose own value is (the rule without a context); ``window``, those whose window mean
+    # is; ``both``, those where both are (these two need a context). A bin chosen on its own
+    # noisy value pulls a broad mark's level up; ``either`` weighs every bin of a raised
+    # window whatever its own noise, and still each sharp peak; ``window`` takes less of
+    # the lift and less of the peaks (BENCHMARKS.md, Peaks chosen by window; Three more
+    # peak rules; Either rule).
+    peak_by: Literal["either", "bin", "window", "both"] = "either"
     # The peak term's mean: over the batch's peak bins (``bins``), or over assays of each
     # one's peak MSE (``assays``; broad marks have many peak bins, narrow ones few).
     peak_mean: Literal["bins", "assays"] = "bins"
@@ -142,7 +144,9 @@ class TrainConfig(Architecture):
         if not self.peak_weight >= 0:
             raise InputError(f"Config key peak_weight must be >= 0, got {self.peak_weight}.")
         for k in ("peak_by", "peak_target"):
-            if self.peak_weight and getattr(self, k) != "bin" and not self.context:
+            # ``either`` without a window is ``bin``: the default runs with context=none.
+            if (self.peak_weight and getattr(self, k) not in ("bin", "either")
+                    and not self.context):
                 raise InputError(f"Config key {k}={getattr(self, k)} needs a context window "
                                  f"and context is none: set {k}=bin, or peak_weight=0, or "
                                  "give a context.")

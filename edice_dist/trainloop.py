@@ -253,11 +253,15 @@ def peak_level(batch: Batch, peak_by: str) -> torch.Tensor | None:
     targets' own values); for ``window``, each target's :func:`window_mean`; for
     ``both``, the smaller of the two, so that a bin counts when its own value and its
     window's mean are peaks: a lone noisy bin in a broad domain below the threshold does
-    not."""
+    not; for ``either``, the larger, so that a bin counts when either is: every bin of a
+    raised window counts whatever its own noise, and a sharp peak still counts."""
     if peak_by == "bin":
         return None
     window = window_mean(batch)
-    return window if peak_by == "window" else torch.minimum(window, batch.y)
+    if peak_by == "window":
+        return window
+    pick = torch.minimum if peak_by == "both" else torch.maximum
+    return pick(window, batch.y)
 
 
 def param_groups(net: EDICE, lr: float) -> list[dict]:
@@ -374,7 +378,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                 pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
                              in_assays[b.target])
             loss = training_loss(pred.float(), b.y, cfg.peak_weight,
-                                 peak_level(b, cfg.peak_by) if cfg.peak_weight else None,
+                                 peak_level(b, cfg.peak_by if ctx else "bin")
+                                 if cfg.peak_weight else None,
                                  in_assays[b.target] if cfg.peak_mean == "assays" else None,
                                  config.model.n_assays,
                                  window_mean(b) if cfg.peak_weight

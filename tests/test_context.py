@@ -83,7 +83,8 @@ def test_sampler_and_validation_carry_the_context(ctx_store):
 def test_peak_by_window_takes_each_target_s_own_window_mean(ctx_store):
     """``peak_by=window`` decides a target's peak from its own track's mean over the
     smallest window (numpy, from the store's values), not from the bin or another column;
-    ``peak_by=both`` from the smaller of that mean and the bin's own value."""
+    ``peak_by=both`` from the smaller of that mean and the bin's own value, ``either`` from
+    the larger."""
     from edice_dist.trainloop import peak_level, training_loss
 
     st, truth = ctx_store
@@ -97,6 +98,7 @@ def test_peak_by_window_takes_each_target_s_own_window_mean(ctx_store):
         assert peak_level(b, "bin") is None
         level = peak_level(b, "window").numpy()
         both = peak_level(b, "both").numpy()
+        either = peak_level(b, "either").numpy()
         x, tgt = b.x.numpy(), b.target.numpy()
         for r in range(8):
             k = np.flatnonzero(np.all(np.isclose(stacked, x[r, :, 0]), axis=1))[0]
@@ -104,6 +106,9 @@ def test_peak_by_window_takes_each_target_s_own_window_mean(ctx_store):
             # ``both``: a peak only where the bin's own value and its window's mean are.
             np.testing.assert_allclose(
                 both[r], np.minimum(means[k, tgt[r]], stacked[k, tgt[r]]), rtol=1e-5)
+            # ``either``: a peak where the bin's own value or its window's mean is.
+            np.testing.assert_allclose(
+                either[r], np.maximum(means[k, tgt[r]], stacked[k, tgt[r]]), rtol=1e-5)
         # The loss counts as peaks the bins whose window mean reaches the threshold.
         pred, y = torch.zeros_like(b.y), b.y
         thr = np.arcsinh(2.0)
