@@ -85,7 +85,7 @@ class TrainConfig(Architecture):
     # noisy value pulls a broad mark's level up; ``either`` weighs every bin of a raised
     # window whatever its own noise, and still each sharp peak; ``window`` takes less of
     # the lift and less of the peaks (BENCHMARKS.md, Peaks chosen by window; Three more
-    # peak rules; Either rule).
+    # peak rules; The either rule).
     peak_by: Literal["either", "bin", "window", "both"] = "either"
     # The peak term's mean: over the batch's peak bins (``bins``), or over assays of each
     # one's peak MSE (``assays``; broad marks have many peak bins, narrow ones few).
