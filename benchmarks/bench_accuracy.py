@@ -34,7 +34,9 @@ default then without it, ``average`` with it (``average_decay=0.999``) and
 ``domain500`` adds a context window of half-width 500 bins (25 kb, a broad domain) to
 the default's (4, 20, 100); ``peakwin`` is the default with ``peak_by=window``,
 ``peakboth`` with ``peak_by=both``, ``peakeither`` with ``peak_by=either`` (the default
-since it was measured), ``peakbin`` with ``peak_by=bin`` (the default before), ``peakwin500`` with ``peak_by=window`` and the
+from when it was measured until ``neighbours``), ``peakbin`` with ``peak_by=bin`` (the
+default before ``either``), ``peaknear`` with ``peak_by=neighbours`` (the default since it
+was measured), ``peakwin500`` with ``peak_by=window`` and the
 half-width 500 window, ``peakto`` with ``peak_target=window``, ``peaklift`` with
 ``peak_target=lift``, ``peakassay`` with ``peak_mean=assays``, ``peakwinassay`` with
 both and ``nopeak`` without the peak term.
@@ -101,6 +103,7 @@ VARIANTS = {
     "peakboth": {"peak_by": "both"},
     "peakeither": {"peak_by": "either"},
     "peakbin": {"peak_by": "bin"},
+    "peaknear": {"peak_by": "neighbours"},
     "peakwin500": {"peak_by": "window", "context": "4,20,100,500"},
     "peakto": {"peak_by": "bin", "peak_target": "window"},
     "peaklift": {"peak_by": "bin", "peak_target": "lift"},

@@ -1,7 +1,7 @@
 """Where the time of a training epoch and of an imputation goes (issue 13, item 2).
 
     python benchmarks/bench_profile.py --store STORE [--steps 60] [--context none] \\
-        [--threads 2] [--json OUT.json]
+        [--threads 2] [--json OUT.json] [--neighbours-ab ROUNDS]
 
 On one of our track stores (for example ``bench_vs_reference.py``'s consortium), at
 that benchmark's settings (embed_dim 64, 4 heads, ffn 128, decoder 2 x 512, 30 targets per
@@ -16,6 +16,10 @@ bin, batch 256), in this process, with the worker's own code paths:
 3. **Imputation, by phase**: :func:`edice_dist.predict.predict_chunk` over store chunks
    (read with :func:`edice_dist.context.read_window`, as the imputation actors read
    them), split into the read and the compute.
+
+With ``--neighbours-ab``, only the sampler: seconds per batch of an epoch of ``--steps``
+batches without (A) and with (B) each target's adjacent bins (``peak_by=neighbours``),
+A and B interleaved for ROUNDS rounds, medians.
 
 Phases are measured with ``time.perf_counter`` around each call, so their sum is the wall
 time of the loop; the profiler's table adds its own overhead and is read for shares only.
@@ -113,6 +117,25 @@ def profile_training(store_path: str, context: str, steps: int, warmup: int = 5)
     }
 
 
+def sampler_ab(store_path: str, context: str, steps: int, rounds: int) -> dict:
+    """Median seconds per batch of a :class:`~edice_dist.sampler.TrainSampler` epoch of
+    ``steps`` batches, the buffer's reads included, without (A) and with (B) neighbours."""
+    from edice_dist.sampler import TrainSampler
+
+    st, cfg, plan, _, _ = _setup(store_path, context)
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    for _ in range(rounds):
+        for name in times:
+            s = TrainSampler(st, np.asarray(plan.inputs), plan.n_targets, cfg.batch_size,
+                             cfg.seed, bins_per_epoch=steps * cfg.batch_size,
+                             context=cfg.context, neighbours=name == "B")
+            t = time.perf_counter()
+            n = sum(1 for _ in s.batches(1))
+            times[name].append((time.perf_counter() - t) / n)
+    return {"tracks": len(plan.inputs), "context": list(cfg.context), "rounds": times,
+            **{f"median_{k}_s": float(np.median(v)) for k, v in times.items()}}
+
+
 def profile_imputation(store_path: str, context: str, model_dir: str | None) -> dict:
     """Read and compute seconds of ``predict_chunk`` over the store's chunks (an untrained
     model of the same shape when no ``model_dir``)."""
@@ -154,11 +177,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="a trained model for the imputation part")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--neighbours-ab", type=int, default=0, metavar="ROUNDS",
+                   help="time the sampler alone without and with neighbours")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch threads {torch.get_num_threads()}; load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    if a.neighbours_ab:
+        r = sampler_ab(a.store, a.context, a.steps, a.neighbours_ab)
+        print(f"sampler, {r['tracks']} training tracks, context {r['context']}, "
+              f"{a.steps} batches per epoch: A (plain) {r['median_A_s'] * 1e3:.1f} ms/batch, "
+              f"B (neighbours) {r['median_B_s'] * 1e3:.1f} ms/batch "
+              f"(B/A {r['median_B_s'] / r['median_A_s']:.2f}); rounds A "
+              f"{[round(v * 1e3, 1) for v in r['rounds']['A']]}, B "
+              f"{[round(v * 1e3, 1) for v in r['rounds']['B']]}")
+        return
     tr = profile_training(a.store, a.context, a.steps)
     print(f"\ntraining: {tr['bins_per_s']:,.0f} bins/s over {tr['steps']} steps "
           f"(context {tr['context']}, precision {tr['precision']})")

@@ -144,8 +144,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             pred = model(xcs[name], support, tc, ta, tc[target], ta[target])
             # The rule's level, as the training loop takes it (SimpleNamespace: a Batch's
-            # three fields that peak_level reads).
-            level = peak_level(SimpleNamespace(x=xcs[name], target=target, y=y),
+            # fields that peak_level reads; ``near``, another bin's values, costs what the
+            # sampler's would).
+            level = peak_level(SimpleNamespace(x=xcs[name], target=target, y=y,
+                                               near=torch.roll(y, 1, 0)),
                                rules[name]) if pw else None
             loss = training_loss(pred.float(), y, pw, level)
             opt.zero_grad(set_to_none=True)

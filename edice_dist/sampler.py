@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .context import read_window
+from .context import read_halo, read_window, window_means
 from .errors import InputError
 from .genome import Chunk
 from .store import TrackStore
@@ -68,16 +68,21 @@ class Batch:
     support : (B, T) bool, False where the column is a target at that bin.
     target : (B, K) int64, column index (into the T inputs) of each target.
     y : (B, K) float32, the targets' true values.
+    near : (B, K) float32, optional
+        The larger of each target's values at the two bins next to it (the one inside at a
+        chromosome's end): a view of the signal around a bin without the bin's own noise
+        (``peak_by=neighbours``). None unless the sampler was asked for it.
     """
 
     x: torch.Tensor
     support: torch.Tensor
     target: torch.Tensor
     y: torch.Tensor
+    near: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.x, self.support, self.target, self.y)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
+                       (self.x, self.support, self.target, self.y, self.near)))
 
 
 def effective_n_targets(n_targets: int, n_columns: int, max_fraction: float) -> int:
@@ -180,6 +185,28 @@ def read_columns(store: TrackStore, block: Chunk, columns: np.ndarray,
     return store.read(block.chrom, block.start, block.stop, columns, dtype=None)
 
 
+def read_neighbours(store: TrackStore, block: Chunk, columns: np.ndarray,
+                    context: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_columns` of ``block`` in one read, with each bin's larger neighbour.
+
+    Returns
+    -------
+    rows : as :func:`read_columns`.
+    near : (block.n_bins, len(columns)) in the store's dtype, the larger of the values of
+        the bins just before and after each bin; the one that exists at a chromosome's end
+        (the bin's own on a chromosome of one bin).
+    """
+    h = read_halo(store, block.chrom, block.start, block.stop, columns, context or (1,))
+    d = h.data
+    rows = (window_means(d, context, h.left, h.right).astype(d.dtype, copy=False)
+            if context else d[h.left:h.left + h.n])
+    i = np.arange(h.left, h.left + h.n)
+    # The halo is cut at the chromosome's ends only, so a missing neighbour is one there.
+    before = np.where(i > 0, i - 1, np.minimum(i + 1, len(d) - 1))
+    after = np.where(i < len(d) - 1, i + 1, np.maximum(i - 1, 0))
+    return rows, np.maximum(d[before], d[after])
+
+
 class TrainSampler:
     """Streams training batches of one worker.
 
@@ -206,13 +233,16 @@ class TrainSampler:
         Which of ``columns`` may be targets (all when None); the others are supports at
         every bin (fine-tuning on one individual's tracks with the others as inputs).
     cells, mask_cells : see :func:`draw_targets` (``cells`` per training column).
+    neighbours : bool
+        Batches also carry each target's larger neighbour (:attr:`Batch.near`); the rows,
+        targets and random draws are the same with and without it.
     """
 
     def __init__(self, store: TrackStore, columns, n_targets: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, bins_per_epoch: int | None = None,
                  buffer_bins: int = BUFFER_BINS, block_bins: int | None = None,
                  context: tuple[int, ...] = (), targets=None, cells=None,
-                 mask_cells: float = 0.0):
+                 mask_cells: float = 0.0, neighbours: bool = False):
         self.columns = np.asarray(columns, dtype=np.int64)
         if mask_cells and (cells is None or len(cells) != len(self.columns)):
             raise ValueError("mask_cells needs the cell of each training column")
@@ -235,6 +265,7 @@ class TrainSampler:
         self.buffer_bins = max(int(buffer_bins), 2 * self.batch_size)
         self.block_bins = int(block_bins or store.block_bins)
         self.context = tuple(context)
+        self.neighbours = bool(neighbours)
         self.blocks = genome_blocks(store, self.block_bins, 4 * world_size)
         if self.steps(0) < 1:
             raise InputError(
@@ -269,6 +300,8 @@ class TrainSampler:
         width = (T, 1 + len(self.context)) if self.context else (T,)
         buf = np.empty((capacity + max(b.n_bins for b in self.blocks), *width),
                        dtype=self.store.array(self.blocks[0].chrom).dtype)
+        # 1 / (1 + len(context)) more memory, only for the rule that needs it.
+        near = np.empty(buf.shape[:2], dtype=buf.dtype) if self.neighbours else None
         order = np.empty(0, dtype=np.int64)
         free = np.arange(len(buf))  # slots not in the pool, reused from the front
         exhausted = False
@@ -276,9 +309,15 @@ class TrainSampler:
             if len(order) <= max(low, B - 1) and not exhausted:
                 n = len(order)
                 for block in blocks:
-                    rows = read_columns(self.store, block, self.columns, self.context)
+                    if near is None:
+                        rows = read_columns(self.store, block, self.columns, self.context)
+                    else:
+                        rows, nb = read_neighbours(self.store, block, self.columns,
+                                                   self.context)
                     slots, free = free[:len(rows)], free[len(rows):]
                     buf[slots] = rows
+                    if near is not None:
+                        near[slots] = nb
                     order = np.concatenate([order, slots])
                     n += block.n_bins
                     if n >= capacity:
@@ -286,14 +325,17 @@ class TrainSampler:
                 else:
                     exhausted = True
                 order = order[rng.permutation(len(order))]
-            x = buf[order[-B:]].astype(np.float32)
-            free = np.concatenate([free, order[-B:]])
+            picked = order[-B:]
+            x = buf[picked].astype(np.float32)
+            free = np.concatenate([free, picked])
             order = order[:-B]
             target, support = draw_targets(rng, B, T, self.n_targets, self.targets,
                                            self.cells, self.mask_cells)
             y = np.take_along_axis(x[..., 0] if self.context else x, target, axis=1)
+            nt = None if near is None else torch.from_numpy(
+                np.take_along_axis(near[picked], target, axis=1).astype(np.float32))
             yield Batch(torch.from_numpy(x), torch.from_numpy(support),
-                        torch.from_numpy(target), torch.from_numpy(y))
+                        torch.from_numpy(target), torch.from_numpy(y), nt)
 
 
 def validation_plan(store: TrackStore, n_bins: int, seed: int,

@@ -78,15 +78,17 @@ class TrainConfig(Architecture):
     # alone lets a model flatten the rare peaks to win on the background (BENCHMARKS.md,
     # Peaks and broad domains).
     peak_weight: float = 0.1
-    # Which target bins the peak term counts: ``either``, those whose own value or whose
-    # mean over the smallest context window (9 bins by default) is a peak; ``bin``, those
-    # whose own value is (the rule without a context); ``window``, those whose window mean
-    # is; ``both``, those where both are (these two need a context). A bin chosen on its own
-    # noisy value pulls a broad mark's level up; ``either`` weighs every bin of a raised
-    # window whatever its own noise, and still each sharp peak; ``window`` takes less of
-    # the lift and less of the peaks (BENCHMARKS.md, Peaks chosen by window; Three more
-    # peak rules; The either rule).
-    peak_by: Literal["either", "bin", "window", "both"] = "either"
+    # Which target bins the peak term counts. A bin chosen on its own noisy value pulls a
+    # broad mark's level up: in a domain just under the threshold, the bins picked are
+    # those whose noise came out high. ``neighbours``: those where the larger of the two
+    # adjacent bins, or the mean over the smallest context window (9 bins by default), is
+    # a peak: judged without the bin's own noise, so a peak's bins count and a lone noisy
+    # bin does not (the adjacent bins alone without a context). ``either``: those whose
+    # own value or window mean is (``bin`` without a context); ``bin``: those whose own
+    # value is; ``window``: those whose window mean is; ``both``: where both are (these two
+    # need a context) (BENCHMARKS.md, Peaks chosen by window; Three more peak rules; The
+    # either rule; The neighbours rule).
+    peak_by: Literal["neighbours", "either", "bin", "window", "both"] = "neighbours"
     # The peak term's mean: over the batch's peak bins (``bins``), or over assays of each
     # one's peak MSE (``assays``; broad marks have many peak bins, narrow ones few).
     peak_mean: Literal["bins", "assays"] = "bins"
@@ -144,8 +146,9 @@ class TrainConfig(Architecture):
         if not self.peak_weight >= 0:
             raise InputError(f"Config key peak_weight must be >= 0, got {self.peak_weight}.")
         for k in ("peak_by", "peak_target"):
-            # ``either`` without a window is ``bin``: the default runs with context=none.
-            if (self.peak_weight and getattr(self, k) not in ("bin", "either")
+            # ``either`` without a window is ``bin``: the default runs with context=none;
+            # ``neighbours`` is then the adjacent bins alone.
+            if (self.peak_weight and getattr(self, k) not in ("bin", "either", "neighbours")
                     and not self.context):
                 raise InputError(f"Config key {k}={getattr(self, k)} needs a context window "
                                  f"and context is none: set {k}=bin, or peak_weight=0, or "

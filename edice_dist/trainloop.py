@@ -254,9 +254,17 @@ def peak_level(batch: Batch, peak_by: str) -> torch.Tensor | None:
     ``both``, the smaller of the two, so that a bin counts when its own value and its
     window's mean are peaks: a lone noisy bin in a broad domain below the threshold does
     not; for ``either``, the larger, so that a bin counts when either is: every bin of a
-    raised window counts whatever its own noise, and a sharp peak still counts."""
+    raised window counts whatever its own noise, and a sharp peak still counts; for
+    ``neighbours``, the larger of the window's mean and the larger of the two adjacent
+    bins (:attr:`Batch.near`; the latter alone without a context): a peak judged without
+    the bin's own noise, so that the bins it picks in a domain below the threshold are
+    not the ones whose noise came out high."""
     if peak_by == "bin":
         return None
+    if peak_by == "neighbours":
+        if batch.near is None:
+            raise ValueError("peak_by=neighbours needs batches from a sampler with neighbours")
+        return batch.near if batch.x.dim() == 2 else torch.maximum(window_mean(batch), batch.near)
     window = window_mean(batch)
     if peak_by == "window":
         return window
@@ -356,7 +364,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
     targets = None if config.target_cols is None else np.isin(inputs, config.target_cols)
     sampler = TrainSampler(st, inputs, config.n_targets, cfg.batch_size // world, cfg.seed,
                            rank, world, cfg.bins_per_epoch, cfg.buffer_bins, context=ctx,
-                           targets=targets, cells=tc[inputs], mask_cells=cfg.mask_cells)
+                           targets=targets, cells=tc[inputs], mask_cells=cfg.mask_cells,
+                           neighbours=bool(cfg.peak_weight) and cfg.peak_by == "neighbours")
     # What this worker reads, as it reads it: the model folder records it (model.json
     # "data"), so that a test can check from the data which tracks a model saw.
     seen = {"inputs": sampler.columns.tolist(),
@@ -378,7 +387,8 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                 pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
                              in_assays[b.target])
             loss = training_loss(pred.float(), b.y, cfg.peak_weight,
-                                 peak_level(b, cfg.peak_by if ctx else "bin")
+                                 peak_level(b, "bin" if cfg.peak_by == "either" and not ctx
+                                            else cfg.peak_by)
                                  if cfg.peak_weight else None,
                                  in_assays[b.target] if cfg.peak_mean == "assays" else None,
                                  config.model.n_assays,

@@ -84,7 +84,8 @@ def test_peak_by_window_takes_each_target_s_own_window_mean(ctx_store):
     """``peak_by=window`` decides a target's peak from its own track's mean over the
     smallest window (numpy, from the store's values), not from the bin or another column;
     ``peak_by=both`` from the smaller of that mean and the bin's own value, ``either`` from
-    the larger."""
+    the larger, ``neighbours`` from the larger of that mean and the larger adjacent bin of
+    the target's own track."""
     from edice_dist.trainloop import peak_level, training_loss
 
     st, truth = ctx_store
@@ -93,12 +94,19 @@ def test_peak_by_window_takes_each_target_s_own_window_mean(ctx_store):
     stacked = np.concatenate([truth[c][:, cols] for c in st.genome.chroms])
     means = np.concatenate([np.stack([naive_means(truth[c][:, j], 4) for j in cols], 1)
                             for c in st.genome.chroms])
-    s = TrainSampler(st, cols, 2, 32, seed=3, bins_per_epoch=320, block_bins=256, context=ctx)
+    adjacent = []
+    for c in st.genome.chroms:
+        d = truth[c][:, cols]
+        adjacent.append(np.maximum(np.vstack([d[1:2], d[:-1]]), np.vstack([d[1:], d[-2:-1]])))
+    adjacent = np.concatenate(adjacent)
+    s = TrainSampler(st, cols, 2, 32, seed=3, bins_per_epoch=320, block_bins=256, context=ctx,
+                     neighbours=True)
     for b in s.batches(0):
         assert peak_level(b, "bin") is None
         level = peak_level(b, "window").numpy()
         both = peak_level(b, "both").numpy()
         either = peak_level(b, "either").numpy()
+        near = peak_level(b, "neighbours").numpy()
         x, tgt = b.x.numpy(), b.target.numpy()
         for r in range(8):
             k = np.flatnonzero(np.all(np.isclose(stacked, x[r, :, 0]), axis=1))[0]
@@ -109,6 +117,9 @@ def test_peak_by_window_takes_each_target_s_own_window_mean(ctx_store):
             # ``either``: a peak where the bin's own value or its window's mean is.
             np.testing.assert_allclose(
                 either[r], np.maximum(means[k, tgt[r]], stacked[k, tgt[r]]), rtol=1e-5)
+            # ``neighbours``: where the window's mean or a bin next to it is.
+            np.testing.assert_allclose(
+                near[r], np.maximum(means[k, tgt[r]], adjacent[k, tgt[r]]), rtol=1e-5)
         # The loss counts as peaks the bins whose window mean reaches the threshold.
         pred, y = torch.zeros_like(b.y), b.y
         thr = np.arcsinh(2.0)

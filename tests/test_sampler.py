@@ -176,6 +176,62 @@ def test_epoch_covers_disjoint_bins_across_workers(bin_store):
     assert set(np.unique(table[seen, 1]).astype(int)) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("context", [(), (4, 20)])
+def test_neighbours_are_each_target_s_adjacent_bins(tmp_path, context):
+    """``near`` is the larger of a target's values at the bins before and after it, read
+    across block edges and cut at chromosome ends (the one neighbour there; a chromosome of
+    one bin has none but itself), computed here with numpy from the store's values; the
+    rows, targets and values are those of a sampler without it."""
+    st, truth = _indexed_store(str(tmp_path / "store"), n_cells=4, n_assays=3,
+                               chrom_bins=(700, 333, 1), chunk_bins=128,
+                               splits={(1, 1): "val", (2, 0): "test"})
+    cols = st.split_indices("train")
+    rng = np.random.default_rng(2)
+    parts = []
+    for c in st.genome.chroms:
+        d = truth[c][:, cols].astype(np.float64)
+        d[:, 2:] = rng.normal(size=d[:, 2:].shape)  # noise: the larger side varies
+        truth[c][:, cols[2:]] = d[:, 2:]
+        if len(d) == 1:
+            parts.append(d)
+            continue
+        before = np.vstack([d[1:2], d[:-1]])
+        after = np.vstack([d[1:], d[-2:-1]])
+        parts.append(np.maximum(before, after))
+    _rewrite(st, truth)
+    near = np.concatenate(parts)
+    kw = dict(buffer_bins=300, block_bins=64, context=context)
+    with_near = TrainSampler(st, cols, 2, 32, seed=3, neighbours=True, **kw)
+    plain = TrainSampler(st, cols, 2, 32, seed=3, **kw)
+    n = 0
+    for b, p in zip(with_near.batches(0), plain.batches(0), strict=True):
+        x = b.x.numpy()
+        ids = (x[:, 0, 0] if context else x[:, 0]).astype(np.int64)
+        np.testing.assert_allclose(b.near.numpy(),
+                                   np.take_along_axis(near[ids], b.target.numpy(), 1),
+                                   rtol=1e-6)
+        assert p.near is None
+        np.testing.assert_array_equal(x, p.x.numpy())
+        np.testing.assert_array_equal(b.target.numpy(), p.target.numpy())
+        n += 1
+    assert n == with_near.steps(0) > 10
+    # Chromosome ends and block edges (every 64th bin) were among the rows drawn.
+    assert {0, 699, 700, 1032, 1033} <= set(ids_all(with_near, context))
+
+
+def _rewrite(st, truth) -> None:
+    """Write ``truth`` back into ``st``'s arrays."""
+    root = zarr.open_group(storage.zarr_store(st.path), mode="r+")
+    for i, c in enumerate(st.genome.chroms):
+        root["signal"][store_mod.array_key(c, i)][:] = truth[c]
+
+
+def ids_all(sampler, context) -> np.ndarray:
+    """The genome-wide index of every row of ``sampler``'s epoch 0."""
+    return np.concatenate([(b.x[:, 0, 0] if context else b.x[:, 0]).numpy().astype(np.int64)
+                           for b in sampler.batches(0)])
+
+
 def test_held_out_tracks_are_never_read_as_training_columns(bin_store):
     st, truth = bin_store
     cols = st.split_indices("train")

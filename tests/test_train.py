@@ -73,7 +73,7 @@ def test_config_file_and_overrides(tmp_path):
     ({"same_assay": "knn"}, "same_assay must be one of none, mean, attention"),
     ({"context": "none", "peak_by": "window"}, "peak_by=window needs a context window"),
     ({"context": "none", "peak_by": "both"}, "peak_by=both needs a context window"),
-    ({"peak_by": "peaks"}, "peak_by must be one of either, bin, window, both"),
+    ({"peak_by": "peaks"}, "peak_by must be one of neighbours, either, bin, window, both"),
     ({"context": "none", "peak_target": "window"}, "peak_target=window needs a context"),
     ({"context": "none", "peak_target": "lift"}, "peak_target=lift needs a context"),
 ])
@@ -615,21 +615,23 @@ def test_the_best_epoch_is_kept_not_the_last(small_store, ray_local, tmp_path, m
     assert not same_weights(kept["state_dict"], _epoch_state(out, 3))
 
 
-def test_without_a_context_the_default_peak_rule_is_the_bin_rule(small_store, ray_local,
-                                                                  tmp_path):
-    """``context=none`` has no window, so the default ``peak_by=either`` trains exactly as
-    ``bin`` does (same seed, same weights), while a run without the peak term differs, so
-    the term did act."""
+def test_without_a_context_either_is_the_bin_rule_and_neighbours_reads_adjacent_bins(
+        small_store, ray_local, tmp_path):
+    """``context=none`` has no window, so ``peak_by=either`` trains exactly as ``bin`` does
+    (same seed, same weights), while a run without the peak term differs, so the term did
+    act. The default, ``neighbours``, needs no window: it trains from the adjacent bins, to
+    other weights than ``bin``'s and than no term's."""
     base = {**TINY, "seed": "5", "bins_per_epoch": "1024", "epochs": "1", "refit": "false",
             "context": "none"}
-    runs = {name: str(tmp_path / name) for name in ("either", "bin", "off")}
-    for name, extra in (("either", {}), ("bin", {"peak_by": "bin"}),
-                        ("off", {"peak_weight": "0"})):
+    runs = {name: str(tmp_path / name) for name in ("either", "bin", "off", "near")}
+    for name, extra in (("either", {"peak_by": "either"}), ("bin", {"peak_by": "bin"}),
+                        ("off", {"peak_weight": "0"}), ("near", {})):
         train(small_store, runs[name], load_config(None, {**base, **extra}))
     w = {n: load_pt(os.path.join(d, "model.pt"))["state_dict"] for n, d in runs.items()}
-    assert load_config(None, base).peak_by == "either"
+    assert load_config(None, base).peak_by == "neighbours"
     assert same_weights(w["either"], w["bin"])
     assert not same_weights(w["either"], w["off"])
+    assert not same_weights(w["near"], w["bin"]) and not same_weights(w["near"], w["off"])
 
 
 def test_refit_trains_every_track_for_the_selected_epochs(small_store, ray_local, tmp_path,
