@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--b", nargs="*", default=["same_assay=attention"])
     ap.add_argument("--peak-weight", type=float, default=0.0)
     ap.add_argument("--peak-by", nargs=2, metavar=("A_RULE", "B_RULE"),
-                    choices=("bin", "window", "both", "either"),
+                    choices=("bin", "window", "both", "either", "neighbours"),
                     help="both models take the peak term, each with its rule")
     ap.add_argument("--predict", type=int, metavar="K", default=0,
                     help="time imputation instead: K targets over --bins bins per step")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .context import read_halo, read_window, window_means
+from .context import read_halo, read_window
 from .errors import InputError
 from .genome import Chunk
 from .store import TrackStore
@@ -198,8 +198,7 @@ def read_neighbours(store: TrackStore, block: Chunk, columns: np.ndarray,
     """
     h = read_halo(store, block.chrom, block.start, block.stop, columns, context or (1,))
     d = h.data
-    rows = (window_means(d, context, h.left, h.right).astype(d.dtype, copy=False)
-            if context else d[h.left:h.left + h.n])
+    rows = h.channels(context, 0, h.n).astype(d.dtype, copy=False)
     i = np.arange(h.left, h.left + h.n)
     # The halo is cut at the chromosome's ends only, so a missing neighbour is one there.
     before = np.where(i > 0, i - 1, np.minimum(i + 1, len(d) - 1))

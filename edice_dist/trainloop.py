@@ -258,13 +258,17 @@ def peak_level(batch: Batch, peak_by: str) -> torch.Tensor | None:
     ``neighbours``, the larger of the window's mean and the larger of the two adjacent
     bins (:attr:`Batch.near`; the latter alone without a context): a peak judged without
     the bin's own noise, so that the bins it picks in a domain below the threshold are
-    not the ones whose noise came out high."""
-    if peak_by == "bin":
+    not the ones whose noise came out high.
+
+    Batches without context channels have no window: ``either`` is then ``bin`` and
+    ``neighbours`` the adjacent bins alone (``window`` and ``both`` need one)."""
+    windowed = batch.x.dim() == 3
+    if peak_by == "bin" or (peak_by == "either" and not windowed):
         return None
     if peak_by == "neighbours":
         if batch.near is None:
             raise ValueError("peak_by=neighbours needs batches from a sampler with neighbours")
-        return batch.near if batch.x.dim() == 2 else torch.maximum(window_mean(batch), batch.near)
+        return torch.maximum(window_mean(batch), batch.near) if windowed else batch.near
     window = window_mean(batch)
     if peak_by == "window":
         return window
@@ -387,9 +391,7 @@ def train_loop(config: WorkerConfig, session=None) -> None:
                 pred = model(b.x, b.support, in_cells, in_assays, in_cells[b.target],
                              in_assays[b.target])
             loss = training_loss(pred.float(), b.y, cfg.peak_weight,
-                                 peak_level(b, "bin" if cfg.peak_by == "either" and not ctx
-                                            else cfg.peak_by)
-                                 if cfg.peak_weight else None,
+                                 peak_level(b, cfg.peak_by) if cfg.peak_weight else None,
                                  in_assays[b.target] if cfg.peak_mean == "assays" else None,
                                  config.model.n_assays,
                                  window_mean(b) if cfg.peak_weight

@@ -24,6 +24,7 @@ from edice_dist.sampler import (
     read_validation,
     validation_plan,
 )
+from edice_dist.trainloop import peak_level
 
 
 def _indexed_store(path: str, **kw):
@@ -211,6 +212,9 @@ def test_neighbours_are_each_target_s_adjacent_bins(tmp_path, context):
                                    np.take_along_axis(near[ids], b.target.numpy(), 1),
                                    rtol=1e-6)
         assert p.near is None
+        if not context:  # no window: ``neighbours`` is the adjacent bins, ``either`` ``bin``
+            assert peak_level(b, "either") is None
+            np.testing.assert_array_equal(peak_level(b, "neighbours").numpy(), b.near.numpy())
         np.testing.assert_array_equal(x, p.x.numpy())
         np.testing.assert_array_equal(b.target.numpy(), p.target.numpy())
         n += 1
