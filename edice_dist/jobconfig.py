@@ -249,6 +249,12 @@ def wait_for_gpus(n: int, timeout_s: float, poll_s: float = 5.0) -> int:
     imputation size themselves from the GPUs Ray reports when they start; so a job asks
     for its GPUs first. Returns the GPUs Ray reports.
 
+    The request is sent again at every poll: the autoscaler keeps one request for the
+    whole cluster, the last one sent, and once Ray Train has run on a cluster its detached
+    ``AutoscalingCoordinator`` actor sends its own (empty when no training runs) every
+    20 s. Sent once, ours could be replaced before the autoscaler had read it, and no
+    node would come.
+
     Raises
     ------
     EdiceError
@@ -264,9 +270,10 @@ def wait_for_gpus(n: int, timeout_s: float, poll_s: float = 5.0) -> int:
         return have
     log(f"cluster: asking the autoscaler for {n} GPU(s) ({have} now); waiting up to "
         f"{timeout_s:.0f} s")
-    request_resources(bundles=[{"GPU": 1}] * n)
+    bundles = [{"GPU": 1}] * n
     t0 = last = time.monotonic()
     while True:
+        request_resources(bundles=bundles)
         have = int(ray.cluster_resources().get("GPU", 0))
         if have >= n:
             log(f"cluster: {have} GPU(s) ready after {time.monotonic() - t0:.0f} s")

@@ -200,6 +200,24 @@ class RayHead:
         except OSError:
             return ""
 
+    def autoscaler_log(self, chars: int = 6000) -> str:
+        """The end of the autoscaler's own logs (``monitor.*`` of the head's session) and
+        of the fake provider's nodes, for a failure message: a job that waited in vain for
+        nodes says nothing about why, and the folder goes with :meth:`stop`."""
+        logs = Path(self.tmp, "session_latest", "logs")
+        parts = []
+        for name in ("monitor.log", "monitor.err", "monitor.out"):
+            try:
+                text = (logs / name).read_text(errors="replace")
+            except OSError:
+                continue
+            # The autoscaler warns about the config's legacy fields at every update.
+            text = "\n".join(line for line in text.splitlines()
+                              if "Dropping the empty legacy field" not in line)
+            if text.strip():
+                parts.append(f"--- {name} (end)\n{text[-chars:]}")
+        return "\n".join(parts) or f"(no autoscaler logs under {logs})"
+
     def stop(self) -> None:
         import shutil
         import signal

@@ -351,13 +351,43 @@ def test_gpus_are_requested_before_gpu_stages_and_released(tmp_path, inputs, mon
     assert time.monotonic() - t0 < 10
     assert "asked for 2 GPU(s)" in str(e.value) and "has 0" in str(e.value)
     assert [c[0] for c in calls] == ["ingest"]  # stopped before train
-    assert requests == [{"bundles": [{"GPU": 1}, {"GPU": 1}]}, {"bundles": []}]
+    # Asked at every poll until the wait gives up, then withdrawn.
+    assert len(requests) >= 2 and requests[-1] == {"bundles": []}
+    assert all(r == {"bundles": [{"GPU": 1}, {"GPU": 1}]} for r in requests[:-1])
     # Without cluster.gpus nothing is requested; with GPUs present nothing waits.
     requests.clear()
     cfg["cluster"] = None
     run_stages(cfg, ["train"])
     assert requests == []
     assert jobconfig.wait_for_gpus(0, timeout_s=1) == 0
+
+
+def test_the_gpu_request_outlasts_another_requester_replacing_it(monkeypatch):
+    """The autoscaler keeps the last request sent to it, and once Ray Train has run on a
+    cluster its AutoscalingCoordinator sends its own every 20 s. Here it replaces the
+    job's request before the autoscaler first looks: the wait, asking again at every
+    poll, still gets its GPUs (asked once, it would wait in vain)."""
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    from edice_dist import jobconfig
+
+    cluster = {"request": [], "gpus": 0, "looks": 0}
+
+    def request_resources(bundles):
+        cluster["request"] = bundles
+
+    def cluster_resources():
+        cluster["looks"] += 1
+        if cluster["looks"] == 2:  # the first look is the wait's own "have we got them?"
+            cluster["request"] = []  # the coordinator's tick
+        cluster["gpus"] = max(cluster["gpus"], sum(b.get("GPU", 0) for b in cluster["request"]))
+        return {"CPU": 1, "GPU": cluster["gpus"]}
+
+    monkeypatch.setattr(sdk, "request_resources", request_resources)
+    monkeypatch.setattr(ray, "cluster_resources", cluster_resources)
+    assert jobconfig.wait_for_gpus(2, timeout_s=5, poll_s=0.01) == 2
+    assert cluster["looks"] == 3
 
 
 # ------------------------------------------------------------------ the scripts

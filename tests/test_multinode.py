@@ -128,7 +128,8 @@ def _job(head: RayHead, job: str, config: str, faults: dict, log: Path) -> subpr
     r = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), "--config", config],
                        env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO)
     log.write_text(r.stdout + r.stderr)
-    assert r.returncode == 0, f"jobs/{job}.py failed:\n{(r.stdout + r.stderr)[-8000:]}"
+    assert r.returncode == 0, (f"jobs/{job}.py failed:\n{(r.stdout + r.stderr)[-8000:]}\n"
+                               f"autoscaler:\n{head.autoscaler_log()}")
     return r
 
 
