@@ -201,8 +201,8 @@ class RayHead:
             return ""
 
     def autoscaler_log(self, chars: int = 6000) -> str:
-        """The end of the autoscaler's own logs (``monitor.*`` of the head's session) and
-        of the fake provider's nodes, for a failure message: a job that waited in vain for
+        """The end of the autoscaler's own logs (``monitor.*`` of the head's session: its
+        instances' state changes), for a failure message: a job that waited in vain for
         nodes says nothing about why, and the folder goes with :meth:`stop`."""
         logs = Path(self.tmp, "session_latest", "logs")
         parts = []
